@@ -1,0 +1,197 @@
+"""Tiny file-reading layer: read a cgroup or proc file, turn it into values.
+
+Missing files give ``None`` ("unset"); a vanished cgroup raises :class:`ContainerGone`; text
+that cannot be parsed raises :class:`MalformedFile`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+_BUFSIZE = 65536
+# v1 reports "no limit" as PAGE_COUNTER_MAX * PAGE_SIZE (9223372036854771712 on 4 KiB pages) and
+# some older kernels as 2**63 - 1; anything this large is not a real limit.
+UNLIMITED_THRESHOLD = 1 << 62
+
+
+class ContainerGone(Exception):
+    """The container's cgroup disappeared while we were reading it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"container {name} is gone")
+        self.name = name
+
+
+class MalformedFile(ValueError):
+    """A cgroup/proc file held text we cannot parse."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# Errors that mean "the cgroup (or task) is no longer there". An open descriptor on a removed
+# cgroup file fails with ENODEV; a removed /proc/<pid> gives ESRCH or ENOENT.
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH})
+
+
+def is_gone_error(exc: OSError) -> bool:
+    return exc.errno in _GONE_ERRNOS
+
+
+def read_bytes(path: str | Path) -> bytes | None:
+    """Whole file, or None when it does not exist."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if is_gone_error(exc):
+            return None
+        raise
+
+
+class CgroupFile:
+    """An open descriptor re-read with ``pread`` at offset 0 (kernfs regenerates the content).
+
+    Keeping the descriptor saves the open/close pair on every tick, which is most of the cost of
+    reading a small cgroup file.
+    """
+
+    __slots__ = ("path", "_fd")
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def open(cls, path: str | Path) -> CgroupFile | None:
+        try:
+            return cls(str(path), os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            return None
+
+    def read(self) -> bytes:
+        """Content now; raises OSError with ENODEV once the cgroup is removed."""
+        fd = self._fd
+        data = os.pread(fd, _BUFSIZE, 0)
+        if len(data) < _BUFSIZE:
+            return data
+        chunks = [data]
+        offset = len(data)
+        while True:
+            more = os.pread(fd, _BUFSIZE, offset)
+            if not more:
+                return b"".join(chunks)
+            chunks.append(more)
+            offset += len(more)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+class ReopeningFile:
+    """Same interface as :class:`CgroupFile` but opens the file on every read.
+
+    Used when the process has run out of descriptors.
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read(self) -> bytes:
+        with open(self.path, "rb", buffering=0) as f:
+            return f.read()
+
+    def close(self) -> None:
+        pass
+
+
+def parse_int(data: bytes, path: str | Path = "?") -> int | None:
+    """A single integer; ``max`` (v2) and v1's huge "unlimited" values give None."""
+    text = data.strip()
+    if not text:
+        raise MalformedFile(path, "empty file")
+    if text == b"max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise MalformedFile(path, f"expected an integer, got {text[:40]!r}") from None
+    if value >= UNLIMITED_THRESHOLD:
+        return None
+    return value
+
+
+def parse_flat_keyed(data: bytes, path: str | Path = "?") -> dict[str, int]:
+    """``key value`` lines (memory.stat, cpu.stat, memory.events)."""
+    out: dict[str, int] = {}
+    for line in data.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise MalformedFile(path, f"expected 'key value', got {line[:60]!r}")
+        try:
+            out[parts[0].decode()] = int(parts[1])
+        except ValueError:
+            raise MalformedFile(path, f"expected an integer value, got {line[:60]!r}") from None
+    return out
+
+
+def parse_int_list(data: bytes, path: str | Path = "?") -> list[int]:
+    """Space-separated integers (cpuacct.usage_percpu)."""
+    try:
+        return [int(x) for x in data.split()]
+    except ValueError:
+        raise MalformedFile(path, f"expected integers, got {data[:60]!r}") from None
+
+
+def first_pid(data: bytes) -> int | None:
+    """First pid of a cgroup.procs file."""
+    end = data.find(b"\n")
+    head = data[:end] if end >= 0 else data
+    head = head.strip()
+    return int(head) if head else None
+
+
+def parse_pressure(data: bytes, path: str | Path = "?") -> dict[str, dict[str, float]]:
+    """PSI: ``some avg10=0.00 avg60=0.00 avg300=0.00 total=123``, maybe a ``full`` line."""
+    out: dict[str, dict[str, float]] = {}
+    for line in data.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        kind = parts[0].decode()
+        values: dict[str, float] = {}
+        for item in parts[1:]:
+            key, sep, raw = item.partition(b"=")
+            if not sep:
+                raise MalformedFile(path, f"expected key=value, got {item[:40]!r}")
+            try:
+                values[key.decode()] = float(raw) if key != b"total" else int(raw)
+            except ValueError:
+                raise MalformedFile(path, f"bad number in {item[:40]!r}") from None
+        if not {"avg10", "avg60", "avg300", "total"} <= values.keys():
+            raise MalformedFile(path, f"incomplete pressure line {line[:60]!r}")
+        out[kind] = values
+    return out

@@ -1,0 +1,215 @@
+"""One container's stats from its cgroup (v1, v2 or hybrid) and its tasks in /proc."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from collections.abc import Callable
+from pathlib import Path
+
+from exporter.cgroups import v1, v2
+from exporter.cgroups.files import (
+    CgroupFile,
+    ContainerGone,
+    MalformedFile,
+    first_pid,
+    is_gone_error,
+    parse_pressure,
+)
+from exporter.cgroups.layout import CgroupLayout, join
+from exporter.cgroups.procs import LoadAverage, NetDevReader, ProcReader
+from exporter.models import (
+    ContainerSpec,
+    CpuStats,
+    DiskIoDevice,
+    MemoryStats,
+    NetworkInterface,
+    Pressure,
+    PressureLine,
+    PressureStats,
+    ProcessStats,
+)
+
+log = logging.getLogger(__name__)
+
+# Metric groups, named as cAdvisor's --disable_metrics names them.
+METRIC_KINDS = frozenset(
+    {"cpu", "percpu", "cpuLoad", "memory", "diskIO", "network", "process", "pressure", "disk", "oom_event"}
+)
+
+MalformedHandler = Callable[[str, MalformedFile], None]
+
+
+class DeviceNames:
+    """major:minor → block device name, from /sys/dev/block; cached."""
+
+    def __init__(self, sys_root: str | Path = "/sys") -> None:
+        self._root = Path(sys_root) / "dev" / "block"
+        self._names: dict[tuple[int, int], str | None] = {}
+
+    def name(self, major: int, minor: int) -> str | None:
+        key = (major, minor)
+        if key not in self._names:
+            try:
+                self._names[key] = os.path.basename(os.readlink(self._root / f"{major}:{minor}"))
+            except OSError:
+                self._names[key] = None
+        return self._names[key]
+
+
+def _pressure(data: bytes, path: str) -> Pressure:
+    parsed = parse_pressure(data, path)
+
+    def line(kind: str) -> PressureLine | None:
+        v = parsed.get(kind)
+        if v is None:
+            return None
+        return PressureLine(avg10=v["avg10"], avg60=v["avg60"], avg300=v["avg300"], total_us=int(v["total"]))
+
+    return Pressure(some=line("some"), full=line("full"))
+
+
+class ContainerReader:
+    """Reads everything the kernel says about one container, section by section.
+
+    A malformed file unsets its section (reported through ``on_malformed``); a vanished cgroup
+    raises :class:`ContainerGone`.
+    """
+
+    def __init__(
+        self,
+        layout: CgroupLayout,
+        name: str,
+        proc: ProcReader,
+        devices: DeviceNames,
+        metrics: frozenset[str],
+        on_malformed: MalformedHandler,
+        host_netns: int | None = None,
+    ) -> None:
+        self.layout = layout
+        self.name = name
+        self.metrics = metrics
+        self._proc = proc
+        self._devices = devices
+        self._on_malformed = on_malformed
+        self.cgroup: v1.V1Reader | v2.V2Reader = (
+            v2.V2Reader(layout, name) if layout.mode == "v2" else v1.V1Reader(layout, name)
+        )
+        if not self.cgroup.dirs:
+            self.cgroup.close()
+            raise ContainerGone(name)
+        self._psi: list[tuple[str, CgroupFile]] = []
+        if "pressure" in metrics and layout.unified is not None:
+            base = join(layout.unified, name)
+            for kind in ("cpu", "memory", "io"):
+                file = CgroupFile.open(base / f"{kind}.pressure")
+                if file is not None:
+                    self._psi.append((kind, file))
+        self.is_root = name == "/"
+        self._net: NetDevReader | None = None
+        if "network" in metrics:
+            # The root container is the host: its traffic is the host's. Any other container
+            # sharing the host's namespace has no traffic of its own.
+            self._net = NetDevReader(proc, None if self.is_root else host_netns)
+        self._load = LoadAverage() if "cpuLoad" in metrics else None
+        self._percpu = "percpu" in metrics
+
+    def close(self) -> None:
+        self.cgroup.close()
+        for _, file in self._psi:
+            file.close()
+        if self._net is not None:
+            self._net.close()
+
+    def spec(self) -> ContainerSpec:
+        module = v2 if self.layout.mode == "v2" else v1
+        try:
+            cpu, memory, pids_limit = module.read_spec(self.layout, self.name)
+        except MalformedFile as exc:
+            self._on_malformed(self.name, exc)
+            return ContainerSpec(creation_time=self.creation_time())
+        return ContainerSpec(creation_time=self.creation_time(), cpu=cpu, memory=memory, pids_limit=pids_limit)
+
+    def creation_time(self) -> datetime | None:
+        """Earliest change time of the container's cgroup directories."""
+        times = []
+        for d in self.cgroup.dirs:
+            try:
+                st = os.stat(d)
+            except OSError:
+                continue
+            times.append(min(st.st_ctime, st.st_mtime))
+        return datetime.fromtimestamp(min(times), UTC) if times else None
+
+    def _section(self, fn: Callable[[], object]) -> object:
+        try:
+            return fn()
+        except MalformedFile as exc:
+            self._on_malformed(self.name, exc)
+            return None
+        except OSError as exc:
+            if is_gone_error(exc):
+                raise ContainerGone(self.name) from exc
+            raise
+
+    def read(self, now_s: float) -> dict[str, object]:
+        m = self.metrics
+        cg = self.cgroup
+        section = self._section
+        out: dict[str, object] = {}
+        procs = section(cg.procs.read) if cg.procs is not None else None
+        if "cpu" in m:
+            cpu = section(lambda: cg.cpu(self._percpu))
+            if self._load is not None and cpu is not None:
+                cpu = self._with_load(cpu, now_s)  # type: ignore[arg-type]
+            out["cpu"] = cpu
+        if "memory" in m:
+            out["memory"] = section(cg.memory)
+        if "diskIO" in m:
+            out["diskio"] = section(self._diskio)
+        if "process" in m:
+            out["processes"] = section(lambda: self._processes(procs))  # type: ignore[arg-type]
+        if self._net is not None:
+            out["network"] = section(lambda: self._network(procs))  # type: ignore[arg-type]
+        if self._psi:
+            out["pressure"] = section(self._pressure)
+        return out
+
+    def _with_load(self, cpu: CpuStats, now_s: float) -> CpuStats:
+        assert self._load is not None
+        tasks = self.cgroup.threads()
+        if tasks is None:
+            return cpu
+        value = self._load.update(self._proc.runnable(tasks.split()), now_s)
+        cpu.load_average_milli = int(value * 1000)
+        return cpu
+
+    def _diskio(self) -> list[DiskIoDevice] | None:
+        devices = self.cgroup.diskio()
+        if devices is None:
+            return None
+        name = self._devices.name
+        return [
+            DiskIoDevice(
+                major=major, minor=minor, device=name(major, minor),
+                read_bytes=rb, write_bytes=wb, read_ops=ro, write_ops=wo,
+            )
+            for (major, minor), (rb, wb, ro, wo) in sorted(devices.items())
+        ]
+
+    def _processes(self, procs: bytes | None) -> ProcessStats:
+        tasks = self.cgroup.threads()
+        return ProcessStats(
+            pids_current=self.cgroup.pids(),
+            threads=tasks.count(b"\n") if tasks is not None else None,
+            open_fds=self._proc.open_fds(procs.split()) if procs is not None else None,
+        )
+
+    def _network(self, procs: bytes | None) -> list[NetworkInterface] | None:
+        assert self._net is not None
+        pid = 1 if self.is_root else (first_pid(procs) if procs is not None else None)
+        return self._net.read(pid)
+
+    def _pressure(self) -> PressureStats:
+        return PressureStats(**{kind: _pressure(file.read(), file.path) for kind, file in self._psi})

@@ -1,0 +1,243 @@
+"""cgroup v1 controllers: parsers of the kernel's text, and a per-container reader."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from exporter.cgroups.files import (
+    CgroupFile,
+    MalformedFile,
+    parse_flat_keyed,
+    parse_int,
+    parse_int_list,
+    read_bytes,
+)
+from exporter.cgroups.layout import CgroupLayout
+from exporter.models import CpuSpec, CpuStats, MemoryEvents, MemorySpec, MemoryStats
+
+USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def parse_usage_all(data: bytes, path: str = "?") -> tuple[list[int], int, int]:
+    """cpuacct.usage_all → (per-cpu total ns, user ns, system ns)."""
+    lines = data.splitlines()
+    if not lines or not lines[0].startswith(b"cpu"):
+        raise MalformedFile(path, "missing 'cpu user system' header")
+    per_cpu: list[int] = []
+    user = system = 0
+    for line in lines[1:]:
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise MalformedFile(path, f"expected 'cpu user system', got {line[:60]!r}")
+        try:
+            u, s = int(parts[1]), int(parts[2])
+        except ValueError:
+            raise MalformedFile(path, f"bad number in {line[:60]!r}") from None
+        per_cpu.append(u + s)
+        user += u
+        system += s
+    return per_cpu, user, system
+
+
+def parse_blkio(data: bytes, path: str = "?") -> dict[tuple[int, int], tuple[int, int]]:
+    """blkio.*io_service_bytes / io_serviced → {(major, minor): (read, write)}."""
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    for line in data.splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue  # the trailing "Total N" line
+        op = parts[1]
+        if op != b"Read" and op != b"Write":
+            continue
+        dev, _, minor = parts[0].partition(b":")
+        try:
+            key = (int(dev), int(minor))
+            value = int(parts[2])
+        except ValueError:
+            raise MalformedFile(path, f"bad blkio line {line[:60]!r}") from None
+        read, write = out.get(key, (0, 0))
+        out[key] = (read + value, write) if op == b"Read" else (read, write + value)
+    return out
+
+
+def _stat(stat: dict[str, int], key: str) -> int | None:
+    # Hierarchical "total_" values include children, which is what a container's figure means;
+    # use_hierarchy=0 (old kernels) only has the local ones.
+    value = stat.get("total_" + key)
+    return value if value is not None else stat.get(key)
+
+
+class V1Reader:
+    """Reads one container's v1 controller files through descriptors kept open."""
+
+    def __init__(self, layout: CgroupLayout, name: str) -> None:
+        self.name = name
+        self.dirs = [p for p in (layout.v1_path(c, name) for c in layout.v1) if p is not None and p.is_dir()]
+
+        def f(controller: str, filename: str) -> CgroupFile | None:
+            path = layout.v1_path(controller, name)
+            return None if path is None else CgroupFile.open(path / filename)
+
+        self.usage_all = f("cpuacct", "cpuacct.usage_all")
+        self.usage = self.usage_percpu = self.cpuacct_stat = None
+        if self.usage_all is None:
+            self.usage = f("cpuacct", "cpuacct.usage")
+            self.usage_percpu = f("cpuacct", "cpuacct.usage_percpu")
+            self.cpuacct_stat = f("cpuacct", "cpuacct.stat")
+        self.cpu_stat = f("cpu", "cpu.stat")
+        self.mem_usage = f("memory", "memory.usage_in_bytes")
+        self.mem_max_usage = f("memory", "memory.max_usage_in_bytes")
+        self.mem_stat = f("memory", "memory.stat")
+        self.mem_failcnt = f("memory", "memory.failcnt")
+        self.mem_oom_control = f("memory", "memory.oom_control")
+        self.blkio_bytes, self.blkio_ops = self._open_blkio(f)
+        self.pids_current = f("pids", "pids.current")
+        # Any hierarchy lists the tasks; prefer cpu, which every container has.
+        procs_dir = next((layout.v1_path(c, name) for c in ("cpu", "cpuacct", "memory", "pids") if c in layout.v1), None)
+        self.procs = CgroupFile.open(procs_dir / "cgroup.procs") if procs_dir else None
+        self.tasks = CgroupFile.open(procs_dir / "tasks") if procs_dir else None
+
+    @staticmethod
+    def _open_blkio(f: Callable[[str, str], CgroupFile | None]) -> tuple[CgroupFile | None, CgroupFile | None]:
+        # The throttle files count every bio for every scheduler; the CFQ/BFQ ones only exist for
+        # their scheduler. Recursive variants include children, like the memory "total_" values.
+        for bytes_name, ops_name in (
+            ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_serviced_recursive"),
+            ("blkio.throttle.io_service_bytes", "blkio.throttle.io_serviced"),
+            ("blkio.io_service_bytes_recursive", "blkio.io_serviced_recursive"),
+            ("blkio.bfq.io_service_bytes_recursive", "blkio.bfq.io_serviced_recursive"),
+        ):
+            b = f("blkio", bytes_name)
+            if b is not None:
+                return b, f("blkio", ops_name)
+        return None, None
+
+    def files(self) -> list[CgroupFile]:
+        return [v for v in vars(self).values() if isinstance(v, CgroupFile)]
+
+    def close(self) -> None:
+        for file in self.files():
+            file.close()
+
+    def cpu(self, percpu: bool) -> CpuStats | None:
+        stats: dict[str, object] = {}
+        if self.usage_all is not None:
+            per_cpu, user, system = parse_usage_all(self.usage_all.read(), self.usage_all.path)
+            stats.update(total_ns=sum(per_cpu), user_ns=user, system_ns=system)
+            if percpu:
+                stats["per_cpu_ns"] = per_cpu
+        elif self.usage is not None:
+            stats["total_ns"] = parse_int(self.usage.read(), self.usage.path)
+            if percpu and self.usage_percpu is not None:
+                stats["per_cpu_ns"] = parse_int_list(self.usage_percpu.read(), self.usage_percpu.path)
+            if self.cpuacct_stat is not None:
+                ticks = parse_flat_keyed(self.cpuacct_stat.read(), self.cpuacct_stat.path)
+                ns_per_tick = 1_000_000_000 // USER_HZ
+                if "user" in ticks:
+                    stats["user_ns"] = ticks["user"] * ns_per_tick
+                if "system" in ticks:
+                    stats["system_ns"] = ticks["system"] * ns_per_tick
+        if self.cpu_stat is not None:
+            throttle = parse_flat_keyed(self.cpu_stat.read(), self.cpu_stat.path)
+            stats.update(
+                periods=throttle.get("nr_periods"),
+                throttled_periods=throttle.get("nr_throttled"),
+                throttled_time_ns=throttle.get("throttled_time"),
+            )
+        return CpuStats(**stats) if stats else None
+
+    def memory(self) -> MemoryStats | None:
+        if self.mem_usage is None:
+            return None
+        usage = parse_int(self.mem_usage.read(), self.mem_usage.path)
+        stat = parse_flat_keyed(self.mem_stat.read(), self.mem_stat.path) if self.mem_stat else {}
+        inactive_file = _stat(stat, "inactive_file")
+        working_set = None
+        if usage is not None:
+            working_set = max(usage - inactive_file, 0) if inactive_file is not None else usage
+        events = None
+        if self.mem_oom_control is not None:
+            oom = parse_flat_keyed(self.mem_oom_control.read(), self.mem_oom_control.path)
+            # "oom_kill" appeared in Linux 4.13; older kernels only say under_oom.
+            if "oom_kill" in oom:
+                events = MemoryEvents(oom_kill=oom["oom_kill"])
+        return MemoryStats(
+            usage_bytes=usage,
+            max_usage_bytes=parse_int(self.mem_max_usage.read(), self.mem_max_usage.path) if self.mem_max_usage else None,
+            working_set_bytes=working_set,
+            rss_bytes=_stat(stat, "rss"),
+            cache_bytes=_stat(stat, "cache"),
+            swap_bytes=_stat(stat, "swap"),
+            mapped_file_bytes=_stat(stat, "mapped_file"),
+            failcnt=parse_int(self.mem_failcnt.read(), self.mem_failcnt.path) if self.mem_failcnt else None,
+            pgfault=_stat(stat, "pgfault"),
+            pgmajfault=_stat(stat, "pgmajfault"),
+            events=events,
+        )
+
+    def diskio(self) -> dict[tuple[int, int], tuple[int, int, int, int]] | None:
+        """{(major, minor): (read_bytes, write_bytes, read_ops, write_ops)}"""
+        if self.blkio_bytes is None:
+            return None
+        by_bytes = parse_blkio(self.blkio_bytes.read(), self.blkio_bytes.path)
+        by_ops = parse_blkio(self.blkio_ops.read(), self.blkio_ops.path) if self.blkio_ops else {}
+        out = {}
+        for key in by_bytes.keys() | by_ops.keys():
+            rb, wb = by_bytes.get(key, (0, 0))
+            ro, wo = by_ops.get(key, (0, 0))
+            out[key] = (rb, wb, ro, wo)
+        return out
+
+    def pids(self) -> int | None:
+        return parse_int(self.pids_current.read(), self.pids_current.path) if self.pids_current else None
+
+    def threads(self) -> bytes | None:
+        return self.tasks.read() if self.tasks else None
+
+
+def _read_int(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    data = read_bytes(path)
+    if data is None:
+        return None
+    value = data.strip()
+    if value in (b"-1", b"max", b""):
+        return None
+    return parse_int(data, path)
+
+
+def _read_str(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    data = read_bytes(path)
+    if data is None:
+        return None
+    return data.decode().strip() or None
+
+
+def read_spec(layout: CgroupLayout, name: str) -> tuple[CpuSpec, MemorySpec, int | None]:
+    cpu_dir = layout.v1_path("cpu", name)
+    mem_dir = layout.v1_path("memory", name)
+    cpuset_dir = layout.v1_path("cpuset", name)
+    pids_dir = layout.v1_path("pids", name)
+    quota = _read_int(cpu_dir / "cpu.cfs_quota_us" if cpu_dir else None)
+    period = _read_int(cpu_dir / "cpu.cfs_period_us" if cpu_dir else None)
+    cpu = CpuSpec(
+        shares=_read_int(cpu_dir / "cpu.shares" if cpu_dir else None),
+        quota_us=quota,
+        period_us=period,
+        limit_cores=quota / period if quota and period else None,
+        cpuset_cpus=_read_str(cpuset_dir / "cpuset.cpus" if cpuset_dir else None),
+        cpuset_mems=_read_str(cpuset_dir / "cpuset.mems" if cpuset_dir else None),
+    )
+    memory = MemorySpec(
+        limit_bytes=_read_int(mem_dir / "memory.limit_in_bytes" if mem_dir else None),
+        reservation_bytes=_read_int(mem_dir / "memory.soft_limit_in_bytes" if mem_dir else None),
+        swap_limit_bytes=_read_int(mem_dir / "memory.memsw.limit_in_bytes" if mem_dir else None),
+    )
+    return cpu, memory, _read_int(pids_dir / "pids.max" if pids_dir else None)
