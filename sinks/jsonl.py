@@ -1,0 +1,116 @@
+"""The embedded default sink: one JSON record per line, to a rotating file or to stdout."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from exporter.durations import Duration
+
+log = logging.getLogger(__name__)
+
+
+class DeliverySettings(BaseModel):
+    """Queueing and batching, common to every sink."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue_size: int = Field(100_000, gt=0, description="Records held in memory for this sink before the oldest are dropped.")
+    batch_size: int = Field(1000, gt=0, description="Most records per write.")
+    buffer_duration: Duration = Field(1.0, ge=0, description="Longest a record waits for its batch to fill (cAdvisor's storage_driver_buffer_duration).")
+
+
+class JsonlSettings(DeliverySettings):
+    path: Path = Field(Path("container-exporter.jsonl"), description="File the records are appended to.")
+    max_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Size at which the file is rotated to <path>.1.")
+    backups: int = Field(5, ge=0, description="Rotated files kept (<path>.1 … <path>.N); 0 truncates instead.")
+    fsync: bool = Field(False, description="fsync after every batch.")
+
+
+class StdoutSettings(DeliverySettings):
+    pass
+
+
+def encode(records: Sequence[BaseModel]) -> bytes:
+    return b"".join(r.__pydantic_serializer__.to_json(r) + b"\n" for r in records)
+
+
+class JsonlSink:
+    name = "jsonl"
+
+    def __init__(self, settings: JsonlSettings) -> None:
+        self.settings = settings
+        self.path = settings.path
+        self._file: IO[bytes] | None = None
+        self._size = 0
+
+    def open(self) -> None:
+        if self.path.parent != Path(""):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")
+        self._size = self._file.tell()
+
+    def write_batch(self, records: Sequence[BaseModel]) -> None:
+        assert self._file is not None, "open() first"
+        data = encode(records)
+        if self._size and self._size + len(data) > self.settings.max_bytes:
+            self._rotate()
+        self._file.write(data)
+        self._file.flush()
+        if self.settings.fsync:
+            os.fsync(self._file.fileno())
+        self._size += len(data)
+
+    def _rotate(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        backups = self.settings.backups
+        if backups:
+            for i in range(backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            self._file = open(self.path, "ab")
+        else:
+            self._file = open(self.path, "wb")
+        self._size = 0
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class StdoutSink:
+    name = "stdout"
+
+    def __init__(self, settings: StdoutSettings, stream: IO[bytes] | None = None) -> None:
+        self.settings = settings
+        self._stream = stream
+
+    def open(self) -> None:
+        if self._stream is None:
+            self._stream = sys.stdout.buffer
+
+    def write_batch(self, records: Sequence[BaseModel]) -> None:
+        assert self._stream is not None
+        self._stream.write(encode(records))
+        self._stream.flush()
+
+    def flush(self) -> None:
+        if self._stream is not None:
+            self._stream.flush()
+
+    def close(self) -> None:
+        self.flush()

@@ -1,0 +1,18 @@
+"""Building records for unit tests of our own logic (cache, sinks)."""
+
+from datetime import UTC, datetime
+
+from exporter.models import ContainerReference, ContainerStats, CpuStats, MemoryStats
+
+
+def make_record(name: str = "/test", seq: int = 1, ts: float = 1_700_000_000.0, cpu_ns: int = 0) -> ContainerStats:
+    return ContainerStats(
+        timestamp=datetime.fromtimestamp(ts, UTC),
+        machine_id="m" * 32,
+        hostname="host",
+        run_id="r" * 32,
+        seq=seq,
+        container=ContainerReference(name=name, labels={"app": "x"}),
+        cpu=CpuStats(total_ns=cpu_ns),
+        memory=MemoryStats(usage_bytes=4096),
+    )
