@@ -7,7 +7,9 @@ that cannot be parsed raises :class:`MalformedFile`.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import resource
 from pathlib import Path
 
 _BUFSIZE = 65536
@@ -69,13 +71,18 @@ class CgroupFile:
         self._fd = fd
 
     @classmethod
-    def open(cls, path: str | Path) -> CgroupFile | None:
+    def open(cls, path: str | Path) -> CgroupFile | ReopeningFile | None:
+        """The file kept open; None when it does not exist. Out of descriptors, a file that
+        is opened on every read instead."""
         try:
             return cls(str(path), os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return None
-        except PermissionError:
-            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            _warn_out_of_descriptors(exc)
+            return ReopeningFile(str(path)) if os.path.exists(path) else None
 
     def read(self) -> bytes:
         """Content now; raises OSError with ENODEV once the cgroup is removed."""
@@ -105,6 +112,21 @@ class CgroupFile:
                 os.close(self._fd)
             except OSError:
                 pass
+
+
+_fd_warning_logged = False
+
+
+def _warn_out_of_descriptors(exc: OSError) -> None:
+    global _fd_warning_logged
+    if not _fd_warning_logged:
+        _fd_warning_logged = True
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        logging.getLogger(__name__).warning(
+            "out of file descriptors (%s; RLIMIT_NOFILE soft=%d hard=%d): cgroup files are now opened "
+            "on every read, which costs more CPU; raise the limit (ulimit -n) to keep them open",
+            exc.strerror, soft, hard,
+        )
 
 
 class ReopeningFile:

@@ -50,6 +50,11 @@ class ProcReader:
     def __init__(self, proc_root: str | Path) -> None:
         self.root = str(proc_root)
 
+    def host_netns(self) -> int | None:
+        """The host's network namespace: pid 1's, or ours when pid 1's cannot be read (a
+        sandbox may deny it even to root)."""
+        return self.netns(1) or self.netns("self")
+
     def netns(self, pid: int | str) -> int | None:
         try:
             return os.stat(f"{self.root}/{pid}/ns/net").st_ino

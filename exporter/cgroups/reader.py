@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from exporter.cgroups import v1, v2
@@ -23,7 +23,6 @@ from exporter.models import (
     ContainerSpec,
     CpuStats,
     DiskIoDevice,
-    MemoryStats,
     NetworkInterface,
     Pressure,
     PressureLine,
@@ -99,6 +98,7 @@ class ContainerReader:
         if not self.cgroup.dirs:
             self.cgroup.close()
             raise ContainerGone(name)
+        self._dir_inodes = [(d, os.stat(d).st_ino) for d in self.cgroup.dirs]
         self._psi: list[tuple[str, CgroupFile]] = []
         if "pressure" in metrics and layout.unified is not None:
             base = join(layout.unified, name)
@@ -149,9 +149,24 @@ class ContainerReader:
             self._on_malformed(self.name, exc)
             return None
         except OSError as exc:
-            if is_gone_error(exc):
+            if not is_gone_error(exc):
+                raise
+            if self._replaced():
                 raise ContainerGone(self.name) from exc
-            raise
+            # The cgroup is still there but a file went away: "echo 0 > cgroup.pressure"
+            # (Linux 6.1+) hides the *.pressure files and their open descriptors fail for good.
+            self._on_malformed(self.name, MalformedFile(self.name, f"a file became unreadable ({exc.strerror})"))
+            return None
+
+    def _replaced(self) -> bool:
+        """The cgroup's directories are gone, or were recreated (a restarted container)."""
+        for path, inode in self._dir_inodes:
+            try:
+                if os.stat(path).st_ino != inode:
+                    return True
+            except OSError:
+                return True
+        return False
 
     def read(self, now_s: float) -> dict[str, object]:
         m = self.metrics

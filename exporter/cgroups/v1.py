@@ -20,29 +20,6 @@ from exporter.models import CpuSpec, CpuStats, MemoryEvents, MemorySpec, MemoryS
 USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def parse_usage_all(data: bytes, path: str = "?") -> tuple[list[int], int, int]:
-    """cpuacct.usage_all → (per-cpu total ns, user ns, system ns)."""
-    lines = data.splitlines()
-    if not lines or not lines[0].startswith(b"cpu"):
-        raise MalformedFile(path, "missing 'cpu user system' header")
-    per_cpu: list[int] = []
-    user = system = 0
-    for line in lines[1:]:
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 3:
-            raise MalformedFile(path, f"expected 'cpu user system', got {line[:60]!r}")
-        try:
-            u, s = int(parts[1]), int(parts[2])
-        except ValueError:
-            raise MalformedFile(path, f"bad number in {line[:60]!r}") from None
-        per_cpu.append(u + s)
-        user += u
-        system += s
-    return per_cpu, user, system
-
-
 def parse_blkio(data: bytes, path: str = "?") -> dict[tuple[int, int], tuple[int, int]]:
     """blkio.*io_service_bytes / io_serviced → {(major, minor): (read, write)}."""
     out: dict[tuple[int, int], tuple[int, int]] = {}
@@ -82,12 +59,12 @@ class V1Reader:
             path = layout.v1_path(controller, name)
             return None if path is None else CgroupFile.open(path / filename)
 
-        self.usage_all = f("cpuacct", "cpuacct.usage_all")
-        self.usage = self.usage_percpu = self.cpuacct_stat = None
-        if self.usage_all is None:
-            self.usage = f("cpuacct", "cpuacct.usage")
-            self.usage_percpu = f("cpuacct", "cpuacct.usage_percpu")
-            self.cpuacct_stat = f("cpuacct", "cpuacct.stat")
+        # usage_percpu holds the exact per-cpu runtime; its sum is cpuacct.usage. The user/system
+        # split is tick-sampled in every file that has it (usage_all too, since Linux 5.16), so
+        # the short cpuacct.stat is enough for it.
+        self.usage_percpu = f("cpuacct", "cpuacct.usage_percpu")
+        self.usage = None if self.usage_percpu is not None else f("cpuacct", "cpuacct.usage")
+        self.cpuacct_stat = f("cpuacct", "cpuacct.stat")
         self.cpu_stat = f("cpu", "cpu.stat")
         self.mem_usage = f("memory", "memory.usage_in_bytes")
         self.mem_max_usage = f("memory", "memory.max_usage_in_bytes")
@@ -125,22 +102,20 @@ class V1Reader:
 
     def cpu(self, percpu: bool) -> CpuStats | None:
         stats: dict[str, object] = {}
-        if self.usage_all is not None:
-            per_cpu, user, system = parse_usage_all(self.usage_all.read(), self.usage_all.path)
-            stats.update(total_ns=sum(per_cpu), user_ns=user, system_ns=system)
+        if self.usage_percpu is not None:
+            per_cpu = parse_int_list(self.usage_percpu.read(), self.usage_percpu.path)
+            stats["total_ns"] = sum(per_cpu)
             if percpu:
                 stats["per_cpu_ns"] = per_cpu
         elif self.usage is not None:
             stats["total_ns"] = parse_int(self.usage.read(), self.usage.path)
-            if percpu and self.usage_percpu is not None:
-                stats["per_cpu_ns"] = parse_int_list(self.usage_percpu.read(), self.usage_percpu.path)
-            if self.cpuacct_stat is not None:
-                ticks = parse_flat_keyed(self.cpuacct_stat.read(), self.cpuacct_stat.path)
-                ns_per_tick = 1_000_000_000 // USER_HZ
-                if "user" in ticks:
-                    stats["user_ns"] = ticks["user"] * ns_per_tick
-                if "system" in ticks:
-                    stats["system_ns"] = ticks["system"] * ns_per_tick
+        if self.cpuacct_stat is not None:
+            ticks = parse_flat_keyed(self.cpuacct_stat.read(), self.cpuacct_stat.path)
+            ns_per_tick = 1_000_000_000 // USER_HZ
+            if "user" in ticks:
+                stats["user_ns"] = ticks["user"] * ns_per_tick
+            if "system" in ticks:
+                stats["system_ns"] = ticks["system"] * ns_per_tick
         if self.cpu_stat is not None:
             throttle = parse_flat_keyed(self.cpu_stat.read(), self.cpu_stat.path)
             stats.update(

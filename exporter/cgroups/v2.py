@@ -15,6 +15,9 @@ from exporter.cgroups.layout import CgroupLayout, join
 from exporter.models import CpuSpec, CpuStats, MemoryEvents, MemorySpec, MemoryStats
 
 
+_IO_KEYS = frozenset({b"rbytes", b"wbytes", b"rios", b"wios"})
+
+
 def parse_io_stat(data: bytes, path: str = "?") -> dict[tuple[int, int], tuple[int, int, int, int]]:
     """io.stat → {(major, minor): (rbytes, wbytes, rios, wios)}."""
     out = {}
@@ -28,6 +31,9 @@ def parse_io_stat(data: bytes, path: str = "?") -> dict[tuple[int, int], tuple[i
         values: dict[bytes, int] = {}
         for item in parts[1:]:
             key, _, raw = item.partition(b"=")
+            # The root's lines also carry iocost's "cost.vrate=100.00" and friends.
+            if key not in _IO_KEYS:
+                continue
             try:
                 values[key] = int(raw)
             except ValueError:
