@@ -9,7 +9,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -56,7 +56,7 @@ class Scheduler:
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            timezone=timezone.utc,
+            timezone=UTC,
         )
         self.stats = SchedulerStats()
         self._scheduler.add_listener(self._on_event, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED | EVENT_JOB_ERROR)
@@ -86,16 +86,23 @@ class Scheduler:
         delay = random.uniform(0, interval_s) if first_run_in_s is None else first_run_in_s
         self._scheduler.add_job(
             _guarded(job_id, fn),
-            IntervalTrigger(seconds=interval_s, timezone=timezone.utc),
+            IntervalTrigger(seconds=interval_s, timezone=UTC),
             id=job_id,
             name=job_id,
-            next_run_time=datetime.now(timezone.utc) + timedelta(seconds=delay),
+            next_run_time=datetime.now(UTC) + timedelta(seconds=delay),
             replace_existing=True,
         )
 
     def reschedule(self, job_id: str, interval_s: float) -> None:
         try:
-            self._scheduler.reschedule_job(job_id, trigger=IntervalTrigger(seconds=interval_s, timezone=timezone.utc))
+            self._scheduler.reschedule_job(job_id, trigger=IntervalTrigger(seconds=interval_s, timezone=UTC))
+        except JobLookupError:
+            pass
+
+    def run_soon(self, job_id: str) -> None:
+        """Bring a job's next run forward to now."""
+        try:
+            self._scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
         except JobLookupError:
             pass
 

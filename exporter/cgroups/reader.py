@@ -11,6 +11,7 @@ from pathlib import Path
 from exporter.cgroups import v1, v2
 from exporter.cgroups.files import (
     CgroupFile,
+    ReopeningFile,
     ContainerGone,
     MalformedFile,
     first_pid,
@@ -92,20 +93,15 @@ class ContainerReader:
         self._proc = proc
         self._devices = devices
         self._on_malformed = on_malformed
-        self.cgroup: v1.V1Reader | v2.V2Reader = (
-            v2.V2Reader(layout, name) if layout.mode == "v2" else v1.V1Reader(layout, name)
-        )
+        self.cgroup, self._psi = self._open_files()
         if not self.cgroup.dirs:
-            self.cgroup.close()
+            self.close()
             raise ContainerGone(name)
         self._dir_inodes = [(d, os.stat(d).st_ino) for d in self.cgroup.dirs]
-        self._psi: list[tuple[str, CgroupFile]] = []
-        if "pressure" in metrics and layout.unified is not None:
-            base = join(layout.unified, name)
-            for kind in ("cpu", "memory", "io"):
-                file = CgroupFile.open(base / f"{kind}.pressure")
-                if file is not None:
-                    self._psi.append((kind, file))
+        # A runtime creates a container's directory in one hierarchy after another, and we may
+        # be told about the first one: look again for the others during the first reads.
+        self._missing = [d for d in self._hierarchy_dirs() if not d.is_dir()]
+        self._settle_reads = self.SETTLE_READS if self._missing else 0
         self.is_root = name == "/"
         self._net: NetDevReader | None = None
         if "network" in metrics:
@@ -114,6 +110,40 @@ class ContainerReader:
             self._net = NetDevReader(proc, None if self.is_root else host_netns)
         self._load = LoadAverage() if "cpuLoad" in metrics else None
         self._percpu = "percpu" in metrics
+
+    SETTLE_READS = 10
+
+    def _hierarchy_dirs(self) -> list[Path]:
+        dirs = [join(p, self.name) for p in self.layout.discovery_roots()]
+        if self.layout.mode == "hybrid" and self.layout.unified is not None and "pressure" in self.metrics:
+            dirs.append(join(self.layout.unified, self.name))
+        return dirs
+
+    def _open_files(self) -> tuple[v1.V1Reader | v2.V2Reader, list[tuple[str, CgroupFile | ReopeningFile]]]:
+        layout, name = self.layout, self.name
+        cgroup = v2.V2Reader(layout, name) if layout.mode == "v2" else v1.V1Reader(layout, name)
+        psi: list[tuple[str, CgroupFile | ReopeningFile]] = []
+        if "pressure" in self.metrics and layout.unified is not None:
+            base = join(layout.unified, name)
+            for kind in ("cpu", "memory", "io"):
+                file = CgroupFile.open(base / f"{kind}.pressure")
+                if file is not None:
+                    psi.append((kind, file))
+        return cgroup, psi
+
+    def _settle(self) -> None:
+        self._settle_reads -= 1
+        if not any(d.is_dir() for d in self._missing):
+            return
+        old_cgroup, old_psi = self.cgroup, self._psi
+        self.cgroup, self._psi = self._open_files()
+        old_cgroup.close()
+        for _, file in old_psi:
+            file.close()
+        self._dir_inodes = [(d, os.stat(d).st_ino) for d in self.cgroup.dirs]
+        self._missing = [d for d in self._hierarchy_dirs() if not d.is_dir()]
+        if not self._missing:
+            self._settle_reads = 0
 
     def close(self) -> None:
         self.cgroup.close()
@@ -169,6 +199,8 @@ class ContainerReader:
         return False
 
     def read(self, now_s: float) -> dict[str, object]:
+        if self._settle_reads:
+            self._settle()
         m = self.metrics
         cg = self.cgroup
         section = self._section
