@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from exporter.cache import InMemoryCache
 from exporter.cgroups.files import ContainerGone, MalformedFile
@@ -68,6 +68,7 @@ class Container:
         self.ref = reference(name, meta)
         self.spec = self.read_spec()
         self.seq = 0
+        self._stamp = {"machine_id": identity.machine_id, "hostname": identity.hostname, "run_id": identity.run_id}
         self._activity: tuple[object, ...] | None = None
         self._lock = threading.Lock()
         self.closed = False
@@ -94,23 +95,19 @@ class Container:
         with self._lock:
             if self.closed:
                 raise ContainerGone(self.name)
-            sections = self.reader.read(self.clock.monotonic())
-            now = self.clock.time()
-            self.seq += 1
-            processes = sections.get("processes")
+            data = self.reader.read(self.clock.monotonic())
+            processes = data.get("processes")
             if processes is not None:
-                processes.pids_limit = self.spec.pids_limit  # type: ignore[attr-defined]
-            record = ContainerStats(
-                timestamp=datetime.fromtimestamp(now, UTC),
-                machine_id=self.identity.machine_id,
-                hostname=self.identity.hostname,
-                run_id=self.identity.run_id,
-                seq=self.seq,
-                container=self.ref,
-                filesystem=self.filesystem() if self.filesystem is not None else None,
-                **sections,
-            )
-        activity = _activity(record)
+                processes["pids_limit"] = self.spec.pids_limit
+            if self.filesystem is not None:
+                data["filesystem"] = self.filesystem()
+            self.seq += 1
+            data["seq"] = self.seq
+            data["timestamp"] = datetime.fromtimestamp(self.clock.time(), UTC)
+            data["container"] = self.ref
+            data.update(self._stamp)
+            record = _STATS.validate_python(data)
+        activity = _activity(data)
         changed = activity != self._activity
         self._activity = activity
         return record, changed
@@ -121,16 +118,19 @@ class Container:
             self.reader.close()
 
 
-def _activity(record: ContainerStats) -> tuple[object, ...]:
+_STATS = ContainerStats.__pydantic_validator__
+
+
+def _activity(data: dict[str, Any]) -> tuple[object, ...]:
     """What must stay equal for a sample to count as "unchanged" (cAdvisor's StatsEq)."""
-    cpu, mem = record.cpu, record.memory
+    cpu, mem = data.get("cpu"), data.get("memory")
     return (
-        cpu.total_ns if cpu else None,
-        cpu.throttled_periods if cpu else None,
-        mem.usage_bytes if mem else None,
-        record.diskio,
-        record.network,
-        record.processes,
+        cpu.get("total_ns") if cpu else None,
+        cpu.get("throttled_periods") if cpu else None,
+        mem.get("usage_bytes") if mem else None,
+        data.get("diskio"),
+        data.get("network"),
+        data.get("processes"),
     )
 
 

@@ -8,13 +8,32 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 SCHEMA_VERSION = 1
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Envelope(Record):
+    """A record that travels on its own (to the cache, to sinks): its JSON is encoded once."""
+
+    _json: bytes | None = PrivateAttr(default=None)
+
+    def json_bytes(self) -> bytes:
+        if self._json is None:
+            self._json = self.__pydantic_serializer__.to_json(self)
+        return self._json
+
+    def __eq__(self, other: object) -> bool:
+        # The cached JSON is not part of the value.
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class ContainerReference(Record):
@@ -152,7 +171,7 @@ class FilesystemStats(Record):
     measured_at: datetime | None = None
 
 
-class ContainerStats(Record):
+class ContainerStats(Envelope):
     """One housekeeping sample of one container."""
 
     schema_version: int = SCHEMA_VERSION

@@ -22,6 +22,7 @@ from exporter.cgroups.files import (
     read_bytes,
 )
 from exporter.cgroups.procs import parse_net_dev, task_state
+from exporter.models import NetworkInterface
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cgroups"
 HYBRID = FIXTURES / "v1-hybrid"
@@ -129,16 +130,16 @@ def test_read_bytes_missing_file_is_none(tmp_path):
 def test_parse_pressure_with_full_line():
     parsed = parse_pressure(fixture(HYBRID / "unified" / T1 / "cpu.pressure"))
     assert parsed == {
-        "some": {"avg10": 0.31, "avg60": 0.25, "avg300": 0.16, "total": 3896205},
-        "full": {"avg10": 0.31, "avg60": 0.25, "avg300": 0.16, "total": 3895014},
+        "some": {"avg10": 0.31, "avg60": 0.25, "avg300": 0.16, "total_us": 3896205},
+        "full": {"avg10": 0.31, "avg60": 0.25, "avg300": 0.16, "total_us": 3895014},
     }
-    assert isinstance(parsed["some"]["total"], int)
+    assert isinstance(parsed["some"]["total_us"], int)
 
 
 def test_parse_pressure_without_full_line():
     # cpu.pressure before Linux 5.13 has only the "some" line.
     parsed = parse_pressure(b"some avg10=1.50 avg60=0.75 avg300=0.20 total=123456\n")
-    assert parsed == {"some": {"avg10": 1.5, "avg60": 0.75, "avg300": 0.2, "total": 123456}}
+    assert parsed == {"some": {"avg10": 1.5, "avg60": 0.75, "avg300": 0.2, "total_us": 123456}}
 
 
 @pytest.mark.parametrize(
@@ -165,11 +166,11 @@ def test_parse_pressure_on_real_proc_pressure_cpu():
     assert "some" in first
     for kind, values in first.items():
         assert kind in ("some", "full")
-        assert set(values) == {"avg10", "avg60", "avg300", "total"}
+        assert set(values) == {"avg10", "avg60", "avg300", "total_us"}
         assert all(0.0 <= values[k] <= 100.0 for k in ("avg10", "avg60", "avg300"))
-        assert isinstance(values["total"], int)
+        assert isinstance(values["total_us"], int)
     # total is a cumulative stall time in microseconds
-    assert second["some"]["total"] >= first["some"]["total"]
+    assert second["some"]["total_us"] >= first["some"]["total_us"]
 
 
 # ---------------------------------------------------------------- v1
@@ -270,8 +271,12 @@ NET_DEV = (
 )
 
 
+def interfaces(data: bytes, path: str = "?") -> list[NetworkInterface]:
+    return [NetworkInterface(**fields) for fields in parse_net_dev(data, path)]
+
+
 def test_parse_net_dev_skips_loopback_and_maps_columns():
-    ifaces = parse_net_dev(NET_DEV)
+    ifaces = interfaces(NET_DEV)
     assert [i.name for i in ifaces] == ["ens18", "eth0"]
     ens = ifaces[0]
     assert (ens.rx_bytes, ens.rx_packets, ens.rx_errors, ens.rx_dropped) == (399359737, 134952, 3, 5957)
@@ -279,7 +284,7 @@ def test_parse_net_dev_skips_loopback_and_maps_columns():
 
 
 def test_parse_net_dev_custom_skip():
-    assert [i.name for i in parse_net_dev(NET_DEV, skip=frozenset())] == ["lo", "ens18", "eth0"]
+    assert [i["name"] for i in parse_net_dev(NET_DEV, skip=frozenset())] == ["lo", "ens18", "eth0"]
 
 
 def test_parse_net_dev_malformed():
@@ -309,7 +314,7 @@ def test_parse_net_dev_on_real_proc_matches_sysfs():
         sys_names = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
         try:
             before = _sysfs_counters(sys_names)
-            parsed = parse_net_dev(Path("/proc/self/net/dev").read_bytes(), "/proc/self/net/dev")
+            parsed = interfaces(Path("/proc/self/net/dev").read_bytes(), "/proc/self/net/dev")
             after = _sysfs_counters(sys_names)
         except FileNotFoundError:
             continue  # an interface went away (a container stopped): try again

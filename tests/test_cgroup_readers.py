@@ -199,7 +199,7 @@ def test_layout_of_this_machine_matches_the_mount_table():
 def test_v1_hybrid_container_read(proc_root, sys_root):
     write_proc(proc_root, 2590, state=b"R", fds=3)
     reader, malformed = make_reader(HYBRID, T1, proc_root, sys_root)
-    out = reader.read(now_s=1000.0)
+    out = reader.read_models(now_s=1000.0)
     assert set(out) == {"cpu", "memory", "diskio", "processes", "pressure"}
 
     cpu = out["cpu"]
@@ -249,7 +249,7 @@ def test_v1_cpu_total_and_per_cpu_come_from_cpuacct_usage(proc_root, sys_root):
     sums them for total_ns and per_cpu_ns; cAdvisor/runc take cpuacct.usage and
     cpuacct.usage_percpu. On the captured container the sum is 9 % short."""
     reader, _ = make_reader(HYBRID, T1, proc_root, sys_root)
-    cpu = reader.read(now_s=0.0)["cpu"]
+    cpu = reader.read_models(now_s=0.0)["cpu"]
     # cpuacct.usage 5410793415 == sum(cpuacct.usage_percpu 3281165771 2129627644)
     #   == unified cpu.stat usage_usec 5410793 * 1000 (+415 ns): three views of the same counter.
     assert cpu.per_cpu_ns == [3281165771, 2129627644]
@@ -258,7 +258,7 @@ def test_v1_cpu_total_and_per_cpu_come_from_cpuacct_usage(proc_root, sys_root):
 
 def test_v1_hybrid_root_container_read(proc_root, sys_root):
     reader, malformed = make_reader(HYBRID, "/", proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     mem = out["memory"]
     # root memory.usage_in_bytes 17823653888, total_inactive_file 17439027200
     assert mem.usage_bytes == 17823653888
@@ -293,15 +293,15 @@ def test_v1_hybrid_spec(proc_root, sys_root):
 def test_load_average_decays_with_real_elapsed_time(proc_root, sys_root):
     write_proc(proc_root, 2590, state=b"R")
     reader, _ = make_reader(HYBRID, T1, proc_root, sys_root, metrics=frozenset({"cpu", "cpuLoad"}))
-    assert reader.read(now_s=100.0)["cpu"].load_average_milli == 1000
+    assert reader.read_models(now_s=100.0)["cpu"].load_average_milli == 1000
     write_proc(proc_root, 2590, state=b"S")
     # 10 s later with nothing runnable: 1 * exp(-10 / 10)
-    assert reader.read(now_s=110.0)["cpu"].load_average_milli == int(1000 * math.exp(-1.0)) == 367
+    assert reader.read_models(now_s=110.0)["cpu"].load_average_milli == int(1000 * math.exp(-1.0)) == 367
 
 
 def test_metric_selection(proc_root, sys_root):
     reader, _ = make_reader(HYBRID, T1, proc_root, sys_root, metrics=frozenset({"cpu"}))
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     assert set(out) == {"cpu"}
     assert out["cpu"].per_cpu_ns is None  # "percpu" not asked for
     assert out["cpu"].load_average_milli is None
@@ -316,13 +316,13 @@ def test_network_from_the_first_task_net_dev(proc_root, sys_root):
     )
     write_proc(proc_root, 2590, net_dev=sample)
     reader, _ = make_reader(HYBRID, T1, proc_root, sys_root, metrics=frozenset({"network"}))
-    (eth0,) = reader.read(now_s=0.0)["network"]
+    (eth0,) = reader.read_models(now_s=0.0)["network"]
     assert (eth0.name, eth0.rx_bytes, eth0.rx_dropped, eth0.tx_bytes, eth0.tx_packets) == ("eth0", 891244, 1, 152117, 1402)
 
     # A container in the host's network namespace has no traffic of its own.
     host_netns = os.stat(proc_root / "2590" / "ns" / "net").st_ino
     reader, _ = make_reader(HYBRID, T1, proc_root, sys_root, metrics=frozenset({"network"}), host_netns=host_netns)
-    assert reader.read(now_s=0.0)["network"] is None
+    assert reader.read_models(now_s=0.0)["network"] is None
 
 
 # ================================================================ v1-edge: old kernel, odd files
@@ -333,7 +333,7 @@ def test_old_kernel_cpu_from_usage_percpu_and_stat(proc_root, sys_root):
     # cpuacct.usage_percpu, user/system from cpuacct.stat ticks (USER_HZ).
     reader, malformed = make_reader(EDGE, "/edge/unlimited", proc_root, sys_root)
     assert reader.cgroup.usage_percpu is not None and reader.cgroup.usage is None
-    cpu = reader.read(now_s=0.0)["cpu"]
+    cpu = reader.read_models(now_s=0.0)["cpu"]
     assert cpu.total_ns == 5410793415
     assert cpu.per_cpu_ns == [3281165771, 2129627644]
     ns_per_tick = 1_000_000_000 // v1.USER_HZ
@@ -348,7 +348,7 @@ def test_cpu_total_from_cpuacct_usage_without_percpu(tmp_path, proc_root, sys_ro
     shutil.copytree(EDGE, tree)
     (tree / "cpuacct" / "edge" / "unlimited" / "cpuacct.usage_percpu").unlink()
     reader, malformed = make_reader(tree, "/edge/unlimited", proc_root, sys_root)
-    cpu = reader.read(now_s=0.0)["cpu"]
+    cpu = reader.read_models(now_s=0.0)["cpu"]
     assert cpu.total_ns == 5410793415  # cpuacct.usage
     assert cpu.per_cpu_ns is None
     assert malformed == []
@@ -369,7 +369,7 @@ def test_unlimited_values_are_none(proc_root, sys_root):
 
 def test_v1_blkio_two_devices(proc_root, sys_root):
     reader, _ = make_reader(EDGE, "/edge/unlimited", proc_root, sys_root)
-    assert reader.read(now_s=0.0)["diskio"] == [
+    assert reader.read_models(now_s=0.0)["diskio"] == [
         DiskIoDevice(major=8, minor=0, device="sda", read_bytes=5246572032, write_bytes=2361737216, read_ops=395, write_ops=71),
         DiskIoDevice(major=8, minor=16, device="sdb", read_bytes=4223325184, write_bytes=3207528448, read_ops=214, write_ops=71),
     ]
@@ -377,7 +377,7 @@ def test_v1_blkio_two_devices(proc_root, sys_root):
 
 def test_missing_memory_stat_leaves_its_figures_unset(proc_root, sys_root):
     reader, malformed = make_reader(EDGE, "/edge/no-memory-stat", proc_root, sys_root)
-    mem = reader.read(now_s=0.0)["memory"]
+    mem = reader.read_models(now_s=0.0)["memory"]
     assert mem.usage_bytes == 585728
     assert mem.working_set_bytes == 585728  # nothing to subtract
     assert mem.max_usage_bytes == 4419584
@@ -390,7 +390,7 @@ def test_missing_memory_stat_leaves_its_figures_unset(proc_root, sys_root):
 
 def test_missing_pids_controller(proc_root, sys_root):
     reader, malformed = make_reader(EDGE, "/edge/no-memory-stat", proc_root, sys_root)
-    procs = reader.read(now_s=0.0)["processes"]
+    procs = reader.read_models(now_s=0.0)["processes"]
     assert procs.pids_current is None
     assert procs.threads == 1  # the cpu hierarchy's tasks file still lists them
     assert malformed == []
@@ -398,7 +398,7 @@ def test_missing_pids_controller(proc_root, sys_root):
 
 def test_empty_usage_file_unsets_memory_and_reports_it(proc_root, sys_root):
     reader, malformed = make_reader(EDGE, "/edge/empty-usage", proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     assert out["memory"] is None
     assert out["cpu"].total_ns == 5410793415  # the other sections are unaffected
     [(name, exc)] = malformed
@@ -409,7 +409,7 @@ def test_empty_usage_file_unsets_memory_and_reports_it(proc_root, sys_root):
 
 def test_malformed_memory_stat_unsets_memory_and_reports_it(proc_root, sys_root):
     reader, malformed = make_reader(EDGE, "/edge/malformed-stat", proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     assert out["memory"] is None
     assert out["diskio"] == []
     [(name, exc)] = malformed
@@ -420,7 +420,7 @@ def test_malformed_memory_stat_unsets_memory_and_reports_it(proc_root, sys_root)
 
 def test_container_missing_from_some_hierarchies(proc_root, sys_root):
     reader, malformed = make_reader(EDGE, "/edge/cpu-only", proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     assert out["cpu"].total_ns == 5410793415
     assert out["memory"] is None
     assert out["diskio"] is None
@@ -450,7 +450,7 @@ def test_v2_unlimited_container_read(proc_root, sys_root):
     for pid in (1, 11196, 14349, 19481, 22576):
         write_proc(proc_root, pid, fds=4)
     reader, malformed = make_reader(V2, V2_A, proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
 
     cpu = out["cpu"]
     # cpu.stat usage_usec 143705640 user_usec 25237222 system_usec 118468417, x1000
@@ -506,7 +506,7 @@ def test_v2_unlimited_container_spec(proc_root, sys_root):
 
 def test_v2_limited_container_after_oom(proc_root, sys_root):
     reader, malformed = make_reader(V2, V2_B, proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     cpu = out["cpu"]
     assert (cpu.total_ns, cpu.user_ns, cpu.system_ns) == (2387412000, 1012345000, 1375067000)
     assert (cpu.periods, cpu.throttled_periods, cpu.throttled_time_ns) == (412, 23, 1184320 * 1000)
@@ -535,7 +535,7 @@ def test_v2_limited_container_after_oom(proc_root, sys_root):
 
 def test_v2_root_container(proc_root, sys_root):
     reader, _ = make_reader(V2, "/", proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     cpu = out["cpu"]
     assert (cpu.total_ns, cpu.user_ns, cpu.system_ns) == (9431845531000, 6013427190000, 3418418341000)
     assert cpu.periods is None  # the root's cpu.stat has no bandwidth keys
@@ -548,7 +548,7 @@ def test_v2_root_io_stat_with_iocost(proc_root, sys_root):
     """BUG: see test_cgroup_parsers.test_parse_io_stat_root_with_iocost_vrate. With iocost on,
     the root container loses its whole diskio section and reports a malformed file each tick."""
     reader, malformed = make_reader(V2, "/", proc_root, sys_root)
-    out = reader.read(now_s=0.0)
+    out = reader.read_models(now_s=0.0)
     assert malformed == []
     assert out["diskio"] == [
         DiskIoDevice(major=8, minor=0, device="sda", read_bytes=180860928, write_bytes=598016000, read_ops=17900, write_ops=2504),
@@ -562,7 +562,7 @@ def test_v2_pressure_without_full_line(tmp_path, proc_root, sys_root):
     # cpu.pressure of a kernel before 5.13
     (root / V2_A.strip("/") / "cpu.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=8322141\n")
     reader, malformed = make_reader(root, V2_A, proc_root, sys_root)
-    psi = reader.read(now_s=0.0)["pressure"]
+    psi = reader.read_models(now_s=0.0)["pressure"]
     assert psi.cpu == Pressure(some=PressureLine(avg10=0.0, avg60=0.0, avg300=0.0, total_us=8322141), full=None)
     assert psi.memory.full is not None
     assert malformed == []
@@ -598,13 +598,13 @@ def test_removed_between_reads_on_regular_files(tree, name, tmp_path, proc_root,
     root = tmp_path / "tree"
     shutil.copytree(tree, root)
     reader, malformed = make_reader(root, name, proc_root, sys_root)
-    first = reader.read(now_s=0.0)
+    first = reader.read_models(now_s=0.0)
     layout = detect_layout(root)
     dirs = [p for p in (layout.v1_path(c, name) for c in layout.v1)] + [layout.unified_path(name)]
     for d in dirs:
         if d is not None and d.is_dir():
             shutil.rmtree(d)
-    second = reader.read(now_s=1.0)
+    second = reader.read_models(now_s=1.0)
     assert second["memory"] == first["memory"]
     assert second["cpu"].total_ns == first["cpu"].total_ns
     with pytest.raises(ContainerGone):
@@ -682,7 +682,7 @@ def live_container(tmp_path_factory) -> Iterator[LiveContainer]:
             detect_layout(CGROUP_ROOT), cg.name, proc, DeviceNames("/sys"),
             METRICS | {"network"}, malformed, host_netns=proc.netns(os.getpid()),
         )
-        early = reader.read(now_s=time.monotonic())
+        early = reader.read_models(now_s=time.monotonic())
         assert child.stdin is not None and child.stdout is not None
         child.stdin.write(b"go\n")
         child.stdin.flush()
@@ -705,7 +705,7 @@ def test_live_v1_memory_matches_the_kernel(live_container):
     # usage can move by a few dozen pages when the kernel drains a per-cpu charge cache
     # (MEMCG_CHARGE_BATCH): the reader's figure must lie between the two, give or take 2 pages.
     usage_before, stat_before = kernel()
-    mem = lc.reader.read(now_s=time.monotonic())["memory"]
+    mem = lc.reader.read_models(now_s=time.monotonic())["memory"]
     usage_after, stat_after = kernel()
 
     def between(value: int, a: int, b: int) -> bool:
@@ -732,7 +732,7 @@ def test_live_v1_cpu_total_matches_cpuacct_usage(live_container):
     """BUG (same as test_v1_cpu_total_and_per_cpu_come_from_cpuacct_usage): the tick-sampled
     user+system sum of cpuacct.usage_all is off by several percent (2-26 % in runs on this VM)."""
     lc = live_container
-    cpu = lc.reader.read(now_s=time.monotonic())["cpu"]
+    cpu = lc.reader.read_models(now_s=time.monotonic())["cpu"]
     usage = int(lc.cg.read("cpuacct", "cpuacct.usage"))
     percpu = [int(x) for x in lc.cg.read("cpuacct", "cpuacct.usage_percpu").split()]
     assert usage >= 0.6e9
@@ -744,7 +744,7 @@ def test_live_v1_cpu_total_matches_cpuacct_usage(live_container):
 @pytest.mark.root
 def test_live_v1_cpu_counters_and_rereads(live_container):
     lc = live_container
-    cpu = lc.reader.read(now_s=time.monotonic())["cpu"]
+    cpu = lc.reader.read_models(now_s=time.monotonic())["cpu"]
     # The descriptors opened before the child ran are re-read with pread at offset 0: kernfs
     # regenerates the text, so the same reader sees the 0.6 s spent since its first read.
     early = lc.early["cpu"]
@@ -767,7 +767,7 @@ def test_live_v1_spec_processes_network_pressure(live_container):
     assert spec.cpu.cpuset_cpus == (CGROUP_ROOT / "cpuset" / "cpuset.cpus").read_text().strip()
     assert spec.pids_limit == 32
     assert spec.creation_time is not None
-    out = lc.reader.read(now_s=time.monotonic())
+    out = lc.reader.read_models(now_s=time.monotonic())
     procs = out["processes"]
     assert (procs.pids_current, procs.threads) == (1, 1)
     assert procs.open_fds == len(os.listdir(f"/proc/{lc.pid}/fd"))
@@ -793,7 +793,7 @@ def test_live_unified_cpu_stat_agrees_with_cpuacct(live_container):
         frozenset({"cpu", "process"}), Malformed(),
     )
     try:
-        out = reader.read(now_s=0.0)
+        out = reader.read_models(now_s=0.0)
         usage = int(lc.cg.read("cpuacct", "cpuacct.usage"))
         assert abs(out["cpu"].total_ns - usage) <= 0.01 * usage
         assert out["processes"].threads == 1
@@ -816,12 +816,12 @@ def test_live_container_gone_after_rmdir():
                 METRICS, malformed,
             ))
         for reader in readers:
-            assert reader.read(now_s=0.0)["cpu"].total_ns == 0
-        assert readers[0].read(now_s=0.0)["memory"].usage_bytes == 0
+            assert reader.read_models(now_s=0.0)["cpu"].total_ns == 0
+        assert readers[0].read_models(now_s=0.0)["memory"].usage_bytes == 0
         cg.remove()
         for reader in readers:
             with pytest.raises(ContainerGone) as info:
-                reader.read(now_s=1.0)
+                reader.read_models(now_s=1.0)
             assert info.value.name == cg.name
         assert malformed == []
     finally:
@@ -844,10 +844,10 @@ def test_live_pressure_turned_off_is_not_container_gone():
         reader = ContainerReader(
             detect_layout(CGROUP_ROOT), cg.name, ProcReader("/proc"), DeviceNames("/sys"), METRICS, Malformed()
         )
-        assert reader.read(now_s=0.0)["pressure"].cpu is not None
+        assert reader.read_models(now_s=0.0)["pressure"].cpu is not None
         cg.write("unified", "cgroup.pressure", "0")
         assert cg.path("unified").is_dir()
-        out = reader.read(now_s=1.0)  # raises ContainerGone today
+        out = reader.read_models(now_s=1.0)  # raises ContainerGone today
         assert out["cpu"] is not None and out["memory"] is not None
         assert out.get("pressure") is None or out["pressure"].cpu is None
     finally:
@@ -880,7 +880,7 @@ def test_capture_script_copies_a_tree_the_readers_read_the_same(tree, name, tmp_
     assert copied and all((tree / rel).read_bytes() == (dest / rel).read_bytes() for rel in copied)
     original, _ = make_reader(tree, name, proc_root, sys_root)
     again, _ = make_reader(dest, name, proc_root, sys_root)
-    assert again.read(now_s=0.0) == original.read(now_s=0.0)
+    assert again.read_models(now_s=0.0) == original.read_models(now_s=0.0)
     assert again.spec().cpu == original.spec().cpu
     with pytest.raises(SystemExit):  # refuses to overwrite without --force
         capture.main([str(tree), name, str(dest)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import resource
 from pathlib import Path
 
@@ -164,20 +165,31 @@ def parse_int(data: bytes, path: str | Path = "?") -> int | None:
     return value
 
 
+def parse_flat(data: bytes, path: str | Path = "?") -> dict[bytes, bytes]:
+    """``key value`` lines (memory.stat, cpu.stat, memory.events) as raw tokens.
+
+    Values stay bytes: the hot path converts only the keys it uses, with :func:`int_value`.
+    """
+    tokens = data.split()
+    if len(tokens) % 2:
+        raise MalformedFile(path, f"expected 'key value' lines, got an odd number of words in {data[-60:]!r}")
+    return dict(zip(tokens[::2], tokens[1::2], strict=True))
+
+
+def int_value(flat: dict[bytes, bytes], key: bytes, path: str | Path = "?") -> int | None:
+    raw = flat.get(key)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise MalformedFile(path, f"expected an integer for {key.decode()}, got {raw[:40]!r}") from None
+
+
 def parse_flat_keyed(data: bytes, path: str | Path = "?") -> dict[str, int]:
-    """``key value`` lines (memory.stat, cpu.stat, memory.events)."""
-    out: dict[str, int] = {}
-    for line in data.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2:
-            raise MalformedFile(path, f"expected 'key value', got {line[:60]!r}")
-        try:
-            out[parts[0].decode()] = int(parts[1])
-        except ValueError:
-            raise MalformedFile(path, f"expected an integer value, got {line[:60]!r}") from None
-    return out
+    """``key value`` lines, every value an integer."""
+    flat = parse_flat(data, path)
+    return {key.decode(): int_value(flat, key, path) for key in flat}  # type: ignore[misc]
 
 
 def parse_int_list(data: bytes, path: str | Path = "?") -> list[int]:
@@ -196,24 +208,16 @@ def first_pid(data: bytes) -> int | None:
     return int(head) if head else None
 
 
-def parse_pressure(data: bytes, path: str | Path = "?") -> dict[str, dict[str, float]]:
-    """PSI: ``some avg10=0.00 avg60=0.00 avg300=0.00 total=123``, maybe a ``full`` line."""
-    out: dict[str, dict[str, float]] = {}
-    for line in data.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        kind = parts[0].decode()
-        values: dict[str, float] = {}
-        for item in parts[1:]:
-            key, sep, raw = item.partition(b"=")
-            if not sep:
-                raise MalformedFile(path, f"expected key=value, got {item[:40]!r}")
-            try:
-                values[key.decode()] = float(raw) if key != b"total" else int(raw)
-            except ValueError:
-                raise MalformedFile(path, f"bad number in {item[:40]!r}") from None
-        if not {"avg10", "avg60", "avg300", "total"} <= values.keys():
-            raise MalformedFile(path, f"incomplete pressure line {line[:60]!r}")
-        out[kind] = values
-    return out
+_PSI_LINE = re.compile(rb"^(some|full) avg10=(\d+\.\d+) avg60=(\d+\.\d+) avg300=(\d+\.\d+) total=(\d+)$", re.M)
+_PSI_KINDS = {b"some": "some", b"full": "full"}
+
+
+def parse_pressure(data: bytes, path: str | Path = "?") -> dict[str, dict[str, float | int]]:
+    """PSI: ``some avg10=0.00 avg60=0.00 avg300=0.00 total=123`` (µs), maybe a ``full`` line."""
+    lines = _PSI_LINE.findall(data)
+    if len(lines) != data.count(b"\n") + (0 if data.endswith(b"\n") else 1) or not lines:
+        raise MalformedFile(path, f"expected 'some|full avg10=.. avg60=.. avg300=.. total=..' lines, got {data[:80]!r}")
+    return {
+        _PSI_KINDS[kind]: {"avg10": float(a10), "avg60": float(a60), "avg300": float(a300), "total_us": int(total)}
+        for kind, a10, a60, a300, total in lines
+    }

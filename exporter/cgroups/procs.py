@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from exporter.cgroups.files import CgroupFile, MalformedFile, is_gone_error
-from exporter.models import NetworkInterface
 
 
-def parse_net_dev(data: bytes, path: str = "?", skip: frozenset[str] = frozenset({"lo"})) -> list[NetworkInterface]:
-    """/proc/<pid>/net/dev → one entry per interface (two header lines first)."""
+def parse_net_dev(data: bytes, path: str = "?", skip: frozenset[str] = frozenset({"lo"})) -> list[dict[str, Any]]:
+    """/proc/<pid>/net/dev → fields of :class:`NetworkInterface` per interface."""
     out = []
-    for line in data.splitlines()[2:]:
+    for line in data.splitlines()[2:]:  # two header lines
         name, sep, rest = line.partition(b":")
         if not sep:
             raise MalformedFile(path, f"expected 'iface: counters', got {line[:60]!r}")
@@ -29,11 +29,11 @@ def parse_net_dev(data: bytes, path: str = "?", skip: frozenset[str] = frozenset
             raise MalformedFile(path, f"bad counter for {iface}") from None
         # rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets errs drop ...
         out.append(
-            NetworkInterface(
-                name=iface,
-                rx_bytes=v[0], rx_packets=v[1], rx_errors=v[2], rx_dropped=v[3],
-                tx_bytes=v[8], tx_packets=v[9], tx_errors=v[10], tx_dropped=v[11],
-            )
+            {
+                "name": iface,
+                "rx_bytes": v[0], "rx_packets": v[1], "rx_errors": v[2], "rx_dropped": v[3],
+                "tx_bytes": v[8], "tx_packets": v[9], "tx_errors": v[10], "tx_dropped": v[11],
+            }
         )
     return out
 
@@ -100,7 +100,7 @@ class NetDevReader:
         self._file: CgroupFile | None = None
         self._shares_host = False
 
-    def read(self, pid: int | None) -> list[NetworkInterface] | None:
+    def read(self, pid: int | None) -> list[dict[str, Any]] | None:
         if pid is None:
             return None
         if pid != self._pid:

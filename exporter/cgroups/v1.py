@@ -5,19 +5,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from exporter.cgroups.files import (
     CgroupFile,
     MalformedFile,
-    parse_flat_keyed,
+    int_value,
+    parse_flat,
     parse_int,
     parse_int_list,
     read_bytes,
 )
 from exporter.cgroups.layout import CgroupLayout
-from exporter.models import CpuSpec, CpuStats, MemoryEvents, MemorySpec, MemoryStats
+from exporter.models import CpuSpec, MemorySpec
 
-USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+USER_HZ = os.sysconf("SC_CLK_TCK")
+NS_PER_TICK = 1_000_000_000 // USER_HZ
 
 
 def parse_blkio(data: bytes, path: str = "?") -> dict[tuple[int, int], tuple[int, int]]:
@@ -39,13 +42,6 @@ def parse_blkio(data: bytes, path: str = "?") -> dict[tuple[int, int], tuple[int
         read, write = out.get(key, (0, 0))
         out[key] = (read + value, write) if op == b"Read" else (read, write + value)
     return out
-
-
-def _stat(stat: dict[str, int], key: str) -> int | None:
-    # Hierarchical "total_" values include children, which is what a container's figure means;
-    # use_hierarchy=0 (old kernels) only has the local ones.
-    value = stat.get("total_" + key)
-    return value if value is not None else stat.get(key)
 
 
 class V1Reader:
@@ -100,8 +96,9 @@ class V1Reader:
         for file in self.files():
             file.close()
 
-    def cpu(self, percpu: bool) -> CpuStats | None:
-        stats: dict[str, object] = {}
+    def cpu(self, percpu: bool) -> dict[str, Any] | None:
+        """Fields of :class:`CpuStats`."""
+        stats: dict[str, Any] = {}
         if self.usage_percpu is not None:
             per_cpu = parse_int_list(self.usage_percpu.read(), self.usage_percpu.path)
             stats["total_ns"] = sum(per_cpu)
@@ -110,49 +107,61 @@ class V1Reader:
         elif self.usage is not None:
             stats["total_ns"] = parse_int(self.usage.read(), self.usage.path)
         if self.cpuacct_stat is not None:
-            ticks = parse_flat_keyed(self.cpuacct_stat.read(), self.cpuacct_stat.path)
-            ns_per_tick = 1_000_000_000 // USER_HZ
-            if "user" in ticks:
-                stats["user_ns"] = ticks["user"] * ns_per_tick
-            if "system" in ticks:
-                stats["system_ns"] = ticks["system"] * ns_per_tick
+            path = self.cpuacct_stat.path
+            ticks = parse_flat(self.cpuacct_stat.read(), path)
+            user, system = int_value(ticks, b"user", path), int_value(ticks, b"system", path)
+            stats["user_ns"] = None if user is None else user * NS_PER_TICK
+            stats["system_ns"] = None if system is None else system * NS_PER_TICK
         if self.cpu_stat is not None:
-            throttle = parse_flat_keyed(self.cpu_stat.read(), self.cpu_stat.path)
-            stats.update(
-                periods=throttle.get("nr_periods"),
-                throttled_periods=throttle.get("nr_throttled"),
-                throttled_time_ns=throttle.get("throttled_time"),
-            )
-        return CpuStats(**stats) if stats else None
+            path = self.cpu_stat.path
+            throttle = parse_flat(self.cpu_stat.read(), path)
+            stats["periods"] = int_value(throttle, b"nr_periods", path)
+            stats["throttled_periods"] = int_value(throttle, b"nr_throttled", path)
+            stats["throttled_time_ns"] = int_value(throttle, b"throttled_time", path)
+        return stats or None
 
-    def memory(self) -> MemoryStats | None:
+    def memory(self) -> dict[str, Any] | None:
+        """Fields of :class:`MemoryStats`."""
         if self.mem_usage is None:
             return None
         usage = parse_int(self.mem_usage.read(), self.mem_usage.path)
-        stat = parse_flat_keyed(self.mem_stat.read(), self.mem_stat.path) if self.mem_stat else {}
-        inactive_file = _stat(stat, "inactive_file")
+        if self.mem_stat is not None:
+            path = self.mem_stat.path
+            stat = parse_flat(self.mem_stat.read(), path)
+            # Hierarchical "total_" values include children, which is what a container's figure
+            # means; use_hierarchy=0 (old kernels) only has the local ones.
+            prefix = b"total_" if b"total_rss" in stat else b""
+
+            def value(key: bytes) -> int | None:
+                return int_value(stat, prefix + key, path)
+        else:
+
+            def value(key: bytes) -> int | None:
+                return None
+
+        inactive_file = value(b"inactive_file")
         working_set = None
         if usage is not None:
             working_set = max(usage - inactive_file, 0) if inactive_file is not None else usage
         events = None
         if self.mem_oom_control is not None:
-            oom = parse_flat_keyed(self.mem_oom_control.read(), self.mem_oom_control.path)
+            oom = parse_flat(self.mem_oom_control.read(), self.mem_oom_control.path)
             # "oom_kill" appeared in Linux 4.13; older kernels only say under_oom.
-            if "oom_kill" in oom:
-                events = MemoryEvents(oom_kill=oom["oom_kill"])
-        return MemoryStats(
-            usage_bytes=usage,
-            max_usage_bytes=parse_int(self.mem_max_usage.read(), self.mem_max_usage.path) if self.mem_max_usage else None,
-            working_set_bytes=working_set,
-            rss_bytes=_stat(stat, "rss"),
-            cache_bytes=_stat(stat, "cache"),
-            swap_bytes=_stat(stat, "swap"),
-            mapped_file_bytes=_stat(stat, "mapped_file"),
-            failcnt=parse_int(self.mem_failcnt.read(), self.mem_failcnt.path) if self.mem_failcnt else None,
-            pgfault=_stat(stat, "pgfault"),
-            pgmajfault=_stat(stat, "pgmajfault"),
-            events=events,
-        )
+            if b"oom_kill" in oom:
+                events = {"oom_kill": int_value(oom, b"oom_kill", self.mem_oom_control.path)}
+        return {
+            "usage_bytes": usage,
+            "max_usage_bytes": parse_int(self.mem_max_usage.read(), self.mem_max_usage.path) if self.mem_max_usage else None,
+            "working_set_bytes": working_set,
+            "rss_bytes": value(b"rss"),
+            "cache_bytes": value(b"cache"),
+            "swap_bytes": value(b"swap"),
+            "mapped_file_bytes": value(b"mapped_file"),
+            "failcnt": parse_int(self.mem_failcnt.read(), self.mem_failcnt.path) if self.mem_failcnt else None,
+            "pgfault": value(b"pgfault"),
+            "pgmajfault": value(b"pgmajfault"),
+            "events": events,
+        }
 
     def diskio(self) -> dict[tuple[int, int], tuple[int, int, int, int]] | None:
         """{(major, minor): (read_bytes, write_bytes, read_ops, write_ops)}"""

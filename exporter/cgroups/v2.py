@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from exporter.cgroups.files import (
     CgroupFile,
     MalformedFile,
-    parse_flat_keyed,
+    int_value,
+    parse_flat,
     parse_int,
     read_bytes,
 )
 from exporter.cgroups.layout import CgroupLayout, join
-from exporter.models import CpuSpec, CpuStats, MemoryEvents, MemorySpec, MemoryStats
-
+from exporter.models import CpuSpec, MemorySpec
 
 _IO_KEYS = frozenset({b"rbytes", b"wbytes", b"rios", b"wios"})
 
@@ -99,53 +100,59 @@ class V2Reader:
         for file in self.files():
             file.close()
 
-    def cpu(self, percpu: bool) -> CpuStats | None:
+    def cpu(self, percpu: bool) -> dict[str, Any] | None:
+        """Fields of :class:`CpuStats`; v2 has no per-cpu figures."""
         if self.cpu_stat is None:
             return None
-        stat = parse_flat_keyed(self.cpu_stat.read(), self.cpu_stat.path)
+        path = self.cpu_stat.path
+        stat = parse_flat(self.cpu_stat.read(), path)
 
-        def ns(key: str) -> int | None:
-            value = stat.get(key)
+        def ns(key: bytes) -> int | None:
+            value = int_value(stat, key, path)
             return None if value is None else value * 1000
 
-        return CpuStats(
-            total_ns=ns("usage_usec"),
-            user_ns=ns("user_usec"),
-            system_ns=ns("system_usec"),
+        return {
+            "total_ns": ns(b"usage_usec"),
+            "user_ns": ns(b"user_usec"),
+            "system_ns": ns(b"system_usec"),
             # The cpu controller adds the throttling keys only where it is enabled.
-            periods=stat.get("nr_periods"),
-            throttled_periods=stat.get("nr_throttled"),
-            throttled_time_ns=ns("throttled_usec"),
-        )
+            "periods": int_value(stat, b"nr_periods", path),
+            "throttled_periods": int_value(stat, b"nr_throttled", path),
+            "throttled_time_ns": ns(b"throttled_usec"),
+        }
 
-    def memory(self) -> MemoryStats | None:
+    def memory(self) -> dict[str, Any] | None:
+        """Fields of :class:`MemoryStats`."""
         if self.mem_current is None:
             return None
         usage = parse_int(self.mem_current.read(), self.mem_current.path)
-        stat = parse_flat_keyed(self.mem_stat.read(), self.mem_stat.path) if self.mem_stat else {}
-        inactive_file = stat.get("inactive_file")
+        stat: dict[bytes, bytes] = {}
+        path = "?"
+        if self.mem_stat is not None:
+            path = self.mem_stat.path
+            stat = parse_flat(self.mem_stat.read(), path)
+        inactive_file = int_value(stat, b"inactive_file", path)
         working_set = None
         if usage is not None:
             working_set = max(usage - inactive_file, 0) if inactive_file is not None else usage
         events = None
         if self.mem_events is not None:
-            ev = parse_flat_keyed(self.mem_events.read(), self.mem_events.path)
-            events = MemoryEvents(
-                low=ev.get("low"), high=ev.get("high"), max=ev.get("max"), oom=ev.get("oom"), oom_kill=ev.get("oom_kill")
-            )
-        return MemoryStats(
-            usage_bytes=usage,
+            epath = self.mem_events.path
+            ev = parse_flat(self.mem_events.read(), epath)
+            events = {key: int_value(ev, key.encode(), epath) for key in ("low", "high", "max", "oom", "oom_kill")}
+        return {
+            "usage_bytes": usage,
             # memory.peak exists since Linux 5.19.
-            max_usage_bytes=parse_int(self.mem_peak.read(), self.mem_peak.path) if self.mem_peak else None,
-            working_set_bytes=working_set,
-            rss_bytes=stat.get("anon"),
-            cache_bytes=stat.get("file"),
-            swap_bytes=parse_int(self.mem_swap.read(), self.mem_swap.path) if self.mem_swap else None,
-            mapped_file_bytes=stat.get("file_mapped"),
-            pgfault=stat.get("pgfault"),
-            pgmajfault=stat.get("pgmajfault"),
-            events=events,
-        )
+            "max_usage_bytes": parse_int(self.mem_peak.read(), self.mem_peak.path) if self.mem_peak else None,
+            "working_set_bytes": working_set,
+            "rss_bytes": int_value(stat, b"anon", path),
+            "cache_bytes": int_value(stat, b"file", path),
+            "swap_bytes": parse_int(self.mem_swap.read(), self.mem_swap.path) if self.mem_swap else None,
+            "mapped_file_bytes": int_value(stat, b"file_mapped", path),
+            "pgfault": int_value(stat, b"pgfault", path),
+            "pgmajfault": int_value(stat, b"pgmajfault", path),
+            "events": events,
+        }
 
     def diskio(self) -> dict[tuple[int, int], tuple[int, int, int, int]] | None:
         if self.io_stat is None:
