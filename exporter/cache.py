@@ -1,4 +1,9 @@
-"""In-memory stats cache: per container, bounded by age and by count; hands records on."""
+"""In-memory stats cache: per container, bounded by age and by count; hands records on.
+
+History is kept as LZ4-compressed JSON, each record compressed against the container's first
+record as dictionary: about a tenth of the JSON size and no objects for the garbage collector
+to walk. The newest record of each container is also kept as an object.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +12,37 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 
+import lz4.block
+
 from exporter.clock import Clock
 from exporter.models import ContainerStats
 
 
 class TimedStore:
-    """Records of one container, oldest first, bounded by age and count."""
+    """JSON records of one container, oldest first, bounded by age and count."""
 
-    __slots__ = ("_items", "max_age_s", "max_items")
+    __slots__ = ("_items", "max_age_s", "max_items", "_dict")
 
     def __init__(self, max_age_s: float, max_items: int) -> None:
-        self._items: deque[tuple[float, ContainerStats]] = deque()
+        # (timestamp, compressed JSON, the dictionary it was compressed with)
+        self._items: deque[tuple[float, bytes, bytes]] = deque()
         self.max_age_s = max_age_s
         self.max_items = max_items
+        self._dict: bytes | None = None
 
-    def add(self, ts: float, record: ContainerStats, now: float) -> None:
+    def add(self, ts: float, payload: bytes, now: float) -> None:
+        if self._dict is None:
+            self._dict = payload
+        packed = (ts, lz4.block.compress(payload, dict=self._dict), self._dict)
         items = self._items
         if items and ts < items[-1][0]:
             # Out of order (a clock step back): keep the store sorted.
             idx = len(items)
             while idx > 0 and items[idx - 1][0] > ts:
                 idx -= 1
-            items.insert(idx, (ts, record))
+            items.insert(idx, packed)
         else:
-            items.append((ts, record))
+            items.append(packed)
         while len(items) > self.max_items:
             items.popleft()
         self.evict(now)
@@ -44,12 +56,12 @@ class TimedStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, start: float | None = None, end: float | None = None, count: int | None = None) -> list[ContainerStats]:
-        """Records with start <= ts <= end, the newest ``count`` of them, oldest first."""
-        out = [r for ts, r in self._items if (start is None or ts >= start) and (end is None or ts <= end)]
+    def get(self, start: float | None = None, end: float | None = None, count: int | None = None) -> list[bytes]:
+        """JSON of the records with start <= ts <= end, the newest ``count`` of them, oldest first."""
+        selected = [(data, d) for ts, data, d in self._items if (start is None or ts >= start) and (end is None or ts <= end)]
         if count is not None:
-            out = out[-count:] if count > 0 else []
-        return out
+            selected = selected[-count:] if count > 0 else []
+        return [lz4.block.decompress(data, dict=d) for data, d in selected]
 
 
 Consumer = Callable[[ContainerStats], None]
@@ -61,6 +73,7 @@ class InMemoryCache:
 
     def __init__(self, storage_duration_s: float, max_records: int, clock: Clock, consumer: Consumer | None = None) -> None:
         self._stores: dict[str, TimedStore] = {}
+        self._latest: dict[str, ContainerStats] = {}
         self._lock = threading.Lock()
         self._duration = storage_duration_s
         self._max = max_records
@@ -69,11 +82,15 @@ class InMemoryCache:
 
     def add_stats(self, record: ContainerStats) -> None:
         name = record.container.name
+        payload = record.json_bytes()
         with self._lock:
             store = self._stores.get(name)
             if store is None:
                 store = self._stores[name] = TimedStore(self._duration, self._max)
-            store.add(record.timestamp.timestamp(), record, self._clock.time())
+            store.add(record.timestamp.timestamp(), payload, self._clock.time())
+            latest = self._latest.get(name)
+            if latest is None or latest.timestamp <= record.timestamp:
+                self._latest[name] = record
         if self._consumer is not None:
             self._consumer(record)
 
@@ -85,15 +102,21 @@ class InMemoryCache:
             if store is None:
                 return []
             store.evict(self._clock.time())
-            return store.get(start.timestamp() if start else None, end.timestamp() if end else None, count)
+            payloads = store.get(start.timestamp() if start else None, end.timestamp() if end else None, count)
+        return [ContainerStats.model_validate_json(p) for p in payloads]
 
     def latest(self, name: str) -> ContainerStats | None:
-        found = self.recent(name, count=1)
-        return found[0] if found else None
+        """The newest record, if it is still within storage_duration."""
+        with self._lock:
+            record = self._latest.get(name)
+            if record is None or record.timestamp.timestamp() < self._clock.time() - self._duration:
+                return None
+            return record
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._stores.pop(name, None)
+            self._latest.pop(name, None)
 
     def names(self) -> list[str]:
         with self._lock:

@@ -12,6 +12,7 @@ from typing import IO
 from pydantic import BaseModel, ConfigDict, Field
 
 from exporter.durations import Duration
+from exporter.models import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,14 @@ class StdoutSettings(DeliverySettings):
 
 
 def encode(records: Sequence[BaseModel]) -> bytes:
-    return b"".join(r.__pydantic_serializer__.to_json(r) + b"\n" for r in records)
+    return b"".join(json_bytes(r) + b"\n" for r in records)
+
+
+def json_bytes(record: BaseModel) -> bytes:
+    """The record's JSON, reusing what an :class:`Envelope` already encoded."""
+    if isinstance(record, Envelope):
+        return record.json_bytes()
+    return record.__pydantic_serializer__.to_json(record)
 
 
 class JsonlSink:

@@ -1,3 +1,4 @@
+import json
 from datetime import UTC, datetime
 
 from exporter.cache import InMemoryCache, TimedStore
@@ -53,5 +54,32 @@ def test_remove_and_evict_all():
 def test_out_of_order_record_is_kept_sorted():
     store = TimedStore(max_age_s=1000, max_items=10)
     for seq, ts in ((1, 10.0), (2, 30.0), (3, 20.0)):
-        store.add(ts, make_record(seq=seq, ts=ts), now=30.0)
-    assert [r.seq for r in store.get()] == [1, 3, 2]
+        store.add(ts, make_record(seq=seq, ts=ts).json_bytes(), now=30.0)
+    assert [json.loads(p)["seq"] for p in store.get()] == [1, 3, 2]
+
+
+def test_history_round_trips_exactly_and_compactly():
+    clock = FakeClock()
+    cache = InMemoryCache(storage_duration_s=1000, max_records=1000, clock=clock)
+    sent = []
+    for i in range(50):
+        record = make_record(seq=i + 1, ts=clock.time(), cpu_ns=i * 123_456_789)
+        sent.append(record)
+        cache.add_stats(record)
+        clock.advance(1)
+    got = cache.recent("/test")
+    assert got == sent
+    assert cache.latest("/test") is sent[-1]
+    store = cache._stores["/test"]
+    packed = sum(len(data) for _, data, _ in store._items)
+    raw = sum(len(r.json_bytes()) for r in sent)
+    assert packed < raw / 4
+
+
+def test_latest_expires_with_storage_duration():
+    clock = FakeClock()
+    cache = InMemoryCache(storage_duration_s=60, max_records=10, clock=clock)
+    cache.add_stats(make_record(ts=clock.time()))
+    assert cache.latest("/test") is not None
+    clock.advance(61)
+    assert cache.latest("/test") is None
