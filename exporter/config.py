@@ -42,6 +42,7 @@ class Config(BaseModel):
     docker_only: bool = Field(False, description="Only report Docker containers (and the root container).")
     raw_cgroup_prefix_whitelist: StrList = Field(default_factory=list, description="With docker_only, raw cgroups under these prefixes are still reported.")
     disable_metrics: StrList = Field(default_factory=list, description=f"Metric groups not to collect: {', '.join(sorted(METRIC_KINDS))}.")
+    enable_load_reader: bool = Field(False, description="Compute the smoothed load average (runnable tasks) of every container; it reads each task's /proc stat on every tick.")
     storage_driver: StrList = Field(default_factory=lambda: ["jsonl"], description=f"Sinks to send records to: {', '.join(sorted(registry.DRIVERS))}.")
     cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="Where the cgroup hierarchies are mounted.")
     proc_root: Path = Field(Path("/proc"), description="The host's proc filesystem.")
@@ -50,7 +51,7 @@ class Config(BaseModel):
     docker_endpoint: str = Field("unix:///var/run/docker.sock", description="Docker Engine API endpoint; unreachable means Docker containers are reported as raw cgroups.")
     docker_env_metadata_whitelist: StrList = Field(default_factory=list, description="Environment variables of Docker containers copied into their spec.")
     writable_layer_interval: Duration = Field(60.0, gt=0, description="How often a Docker container's writable layer is measured (it walks the layer's files).")
-    housekeeping_workers: int = Field(4, ge=1, le=64, description="Threads running housekeeping jobs.")
+    housekeeping_workers: int = Field(2, ge=1, le=64, description="Threads running housekeeping jobs; with the GIL more threads only help when a read blocks.")
     log_self_usage: bool = Field(False, description="Log the exporter's own CPU and memory use every global housekeeping interval.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     sinks: registry.SinksConfig = Field(default_factory=registry.SinksConfig, description="Per-sink settings, [sinks.<driver>].")
@@ -89,7 +90,10 @@ class Config(BaseModel):
 
     @property
     def metrics(self) -> frozenset[str]:
-        return METRIC_KINDS - set(self.disable_metrics)
+        off = set(self.disable_metrics)
+        if not self.enable_load_reader:
+            off.add("cpuLoad")
+        return METRIC_KINDS - off
 
     def sink_settings(self, name: str) -> BaseModel:
         settings = getattr(self.sinks, name)
