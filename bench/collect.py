@@ -83,9 +83,10 @@ def remove_cgroups(layout: CgroupLayout, names: list[str], procs: list[subproces
                     time.sleep(0.05)
 
 
-def proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def proc_hwm_kib(pid: int) -> int:
@@ -137,11 +138,14 @@ max_bytes = 10000000000
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     samples = lines1 - lines0
+    user_s, system_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
         "samples": samples,
         "samples_per_s": samples / (t1 - t0),
-        "cpu_us_per_sample": (cpu1 - cpu0) / samples * 1e6 if samples else float("nan"),
-        "cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "cpu_us_per_sample": (user_s + system_s) / samples * 1e6 if samples else float("nan"),
+        "user_us_per_sample": user_s / samples * 1e6 if samples else float("nan"),
+        "system_us_per_sample": system_s / samples * 1e6 if samples else float("nan"),
+        "cpu_pct": 100 * (user_s + system_s) / (t1 - t0),
         "peak_rss_mib": hwm / 1024,
         "exit_code": proc.returncode,
     }
@@ -157,8 +161,24 @@ def floor(layout: CgroupLayout, names: list[str], rounds: int) -> dict[str, floa
         reader.close()
     files_per_container = len(paths) / len(names)
 
+    def number(token: bytes) -> int | float:
+        return float(token) if b"." in token else int(token)
+
     def parse(data: bytes) -> object:
-        return [line.split() for line in data.splitlines()]
+        # What any reader has to do: lines → fields, numbers (bare or key=value) → int/float.
+        out = []
+        for line in data.splitlines():
+            fields: list[object] = []
+            for token in line.split():
+                key, sep, value = token.partition(b"=")
+                if sep:
+                    fields.append((key, number(value)))
+                elif token[:1].isdigit():
+                    fields.append(number(token))
+                else:
+                    fields.append(token)
+            out.append(fields)
+        return out
 
     fds = [os.open(p, os.O_RDONLY) for p in paths]
     try:
@@ -205,7 +225,8 @@ def main() -> int:
         print(
             f"{n:5d} containers ({layout.mode}, {fl['files_per_container']:.0f} files each): "
             f"exporter {ex['cpu_us_per_sample']:.0f} µs CPU per container-sample "
-            f"({ex['samples_per_s']:.0f} samples/s, {ex['cpu_pct']:.1f}% of a core), peak RSS {ex['peak_rss_mib']:.0f} MiB | "
+            f"(user {ex['user_us_per_sample']:.0f} + system {ex['system_us_per_sample']:.0f}; "
+            f"{ex['samples_per_s']:.0f} samples/s, {ex['cpu_pct']:.1f}% of a core), peak RSS {ex['peak_rss_mib']:.0f} MiB | "
             f"floor {fl['kept_open_us']:.0f} µs (kept open), {fl['reopen_us']:.0f} µs (re-opened) | "
             f"{row['ratio_to_floor']:.2f}x floor",
             flush=True,
