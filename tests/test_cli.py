@@ -44,6 +44,9 @@ def test_once_prints_one_valid_record_per_container(tmp_path, make_cgroup):
     mine = next(r for r in records if r.container.name == cg.name)
     assert mine.seq == 1 and mine.memory.usage_bytes >= 8 * 1024 * 1024
     assert mine.processes.threads == 1
+    root = next(r for r in records if r.container.name == "/")
+    assert root.filesystem and any(fs.mountpoint == "/" and fs.capacity_bytes > 0 for fs in root.filesystem)
+    assert root.network is not None  # the root container is the host: its interfaces
 
 
 def test_console_script_and_module_agree():

@@ -146,3 +146,38 @@ def test_parse_docker_time():
     assert parse_docker_time("2024-05-01T10:20:30.123456789Z") == datetime.fromisoformat("2024-05-01T10:20:30.123456+00:00")
     assert parse_docker_time("0001-01-01T00:00:00Z") is None
     assert parse_docker_time("garbage") is None
+
+
+def test_writable_layer_usage_matches_du(docker_engine, busybox_image, make_container, tmp_path):
+    import subprocess
+
+    config = Config.model_validate(
+        {
+            "global_housekeeping_interval": "1h",
+            "docker_only": True,
+            "docker_endpoint": docker_engine.endpoint,
+            "writable_layer_interval": "1s",
+            "storage_driver": [],
+        }
+    )
+    app = App(config)
+    app.start()
+    try:
+        container = make_container(busybox_image, ["sh", "-c", "dd if=/dev/zero of=/blob bs=1M count=8 && touch /done && sleep 3600"])
+        found = wait_for(lambda: app.manager.resolve("docker", container.id), 3.0, "the container")
+        upper = found.meta.writable_layer
+        assert upper is not None and upper.name == "diff"
+        wait_for(lambda: (upper / "done").exists(), 10.0, "the write to finish")
+        record = wait_for(
+            lambda: (r := app.cache.latest(found.name)) and r.filesystem and r.filesystem[0].usage_bytes >= 8 * MIB and r,
+            10.0,
+            "a measured writable layer",
+        )
+        du_bytes = int(subprocess.run(["du", "-s", "-B1", "-x", str(upper)], check=True, capture_output=True, text=True).stdout.split()[0])
+        du_inodes = int(subprocess.run(["du", "-s", "--inodes", "-x", str(upper)], check=True, capture_output=True, text=True).stdout.split()[0])
+        layer = record.filesystem[0]
+        assert layer.usage_bytes == du_bytes
+        assert layer.inodes_used == du_inodes
+        assert layer.mountpoint == str(upper)
+    finally:
+        app.stop()

@@ -193,3 +193,71 @@ def test_dynamic_housekeeping_with_injected_clock(make_cgroup):
     stamps = [r.timestamp.timestamp() for r in records]
     assert [round(b - a, 6) for a, b in zip(stamps, stamps[1:], strict=False)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
     manager.stop()
+
+
+@pytest.fixture
+def netns_pair():
+    """Two network namespaces joined by a veth pair; the first end is "ce0" with 10.213.0.1."""
+    import subprocess
+    import uuid
+
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"cetest-{tag}-a", f"cetest-{tag}-b"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", a)
+    ip("netns", "add", b)
+    try:
+        for ns in (a, b):
+            # No IPv6 autoconfiguration chatter moving the counters while we compare them.
+            ip("netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        ip("-n", a, "link", "add", "ce0", "type", "veth", "peer", "name", "ce1", "netns", b)
+        ip("-n", a, "addr", "add", "10.213.0.1/24", "dev", "ce0")
+        ip("-n", b, "addr", "add", "10.213.0.2/24", "dev", "ce1")
+        ip("-n", a, "link", "set", "ce0", "up")
+        ip("-n", b, "link", "set", "ce1", "up")
+        yield a, b
+    finally:
+        subprocess.run(["ip", "netns", "del", a], capture_output=True)
+        subprocess.run(["ip", "netns", "del", b], capture_output=True)
+
+
+def test_network_counters_of_a_container_with_its_own_namespace(start_app, make_cgroup, netns_pair):
+    import subprocess
+    import sys
+
+    ns_a, ns_b = netns_pair
+    app = start_app(allow_dynamic_housekeeping=False)
+    cg = make_cgroup()
+    cg.spawn(["ip", "netns", "exec", ns_a, "sleep", "3600"], stdin=subprocess.DEVNULL)
+    sender = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(200): s.sendto(b'x' * 1000, ('10.213.0.1', 9))"
+    subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c", sender], check=True, timeout=30)
+    sent = time.time()
+    record = wait_for(
+        lambda: (r := app.cache.latest(cg.name)) and r.timestamp.timestamp() > sent + 0.3 and r, 5.0, "a record after the traffic"
+    )
+
+    def kernel(counter: str) -> int:
+        out = subprocess.run(["ip", "netns", "exec", ns_a, "cat", f"/sys/class/net/ce0/statistics/{counter}"],
+                             check=True, capture_output=True, text=True)
+        return int(out.stdout)
+
+    assert [i.name for i in record.network] == ["ce0"]  # lo is left out
+    iface = record.network[0]
+    assert iface.rx_packets >= 200 and iface.rx_bytes >= 200 * 1000
+    for field in ("rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped"):
+        assert getattr(iface, field) == kernel(field), field
+    # A cgroup whose tasks share the host's namespace has no traffic of its own.
+    other = make_cgroup()
+    workloads.start_cpu_burner(other)
+    assert wait_for(lambda: app.cache.latest(other.name), 3.0, "a record").network is None
+
+
+def test_self_usage_is_logged_when_asked(start_app, caplog):
+    with caplog.at_level(logging.INFO, logger="exporter.app"):
+        start_app(log_self_usage=True, global_housekeeping_interval="1s")
+        wait_for(lambda: any("self usage:" in r.getMessage() for r in caplog.records), 5.0, "a self usage line")
+    line = next(r.getMessage() for r in caplog.records if "self usage:" in r.getMessage())
+    assert "cpu" in line and "rss" in line and "containers" in line
