@@ -44,6 +44,7 @@ class Config(BaseModel):
     disable_metrics: StrList = Field(default_factory=list, description=f"Metric groups not to collect: {', '.join(sorted(METRIC_KINDS))}.")
     enable_load_reader: bool = Field(False, description="Compute the smoothed load average (runnable tasks) of every container; it reads each task's /proc stat on every tick.")
     storage_driver: StrList = Field(default_factory=lambda: ["jsonl"], description=f"Sinks to send records to: {', '.join(sorted(registry.DRIVERS))}.")
+    state_dir: Path = Field(Path("/var/lib/container-exporter"), description="Where the exporter keeps state that must survive a restart (the sinks' spools).")
     cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="Where the cgroup hierarchies are mounted.")
     proc_root: Path = Field(Path("/proc"), description="The host's proc filesystem.")
     sys_root: Path = Field(Path("/sys"), description="The host's sysfs.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -103,7 +104,9 @@ class Container:
                 data["filesystem"] = self.filesystem()
             self.seq += 1
             data["seq"] = self.seq
-            data["timestamp"] = datetime.fromtimestamp(self.clock.time(), UTC)
+            now = self.clock.time()
+            data["timestamp"] = datetime.fromtimestamp(now, UTC)
+            data["record_id"] = record_id(self.identity.machine_id, self.ref.id or self.name, round(now * 1_000_000))
             data["container"] = self.ref
             data.update(self._stamp)
             record = _STATS.validate_python(data)
@@ -132,6 +135,11 @@ def _activity(data: dict[str, Any]) -> tuple[object, ...]:
         data.get("network"),
         data.get("processes"),
     )
+
+
+def record_id(machine_id: str, container: str, timestamp_us: int) -> str:
+    """Deterministic: a record re-sent after a restart keeps its id, so stores can dedupe."""
+    return hashlib.blake2b(f"{machine_id}/{container}/{timestamp_us}".encode(), digest_size=16).hexdigest()
 
 
 def reference(name: str, meta: ContainerMeta) -> ContainerReference:

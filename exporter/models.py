@@ -178,6 +178,7 @@ class ContainerStats(Envelope):
     timestamp: datetime
     machine_id: str
     hostname: str
+    record_id: str = Field(description="hex id derived from machine id, container and timestamp; the same record always has the same id")
     run_id: str = Field(description="random id of this exporter run; seq restarts with it")
     seq: int = Field(description="per-container sample number within run_id, from 1, without gaps")
     container: ContainerReference

@@ -9,25 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from exporter.durations import Duration
 from exporter.models import Envelope
+from sinks.settings import DeliverySettings
 
 log = logging.getLogger(__name__)
 
 
-class DeliverySettings(BaseModel):
-    """Queueing and batching, common to every sink."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    queue_size: int = Field(100_000, gt=0, description="Records held in memory for this sink before the oldest are dropped.")
-    batch_size: int = Field(1000, gt=0, description="Most records per write.")
-    buffer_duration: Duration = Field(1.0, ge=0, description="Longest a record waits for its batch to fill (cAdvisor's storage_driver_buffer_duration).")
-
-
 class JsonlSettings(DeliverySettings):
+    spool: bool = Field(False, description="A local file needs no spool; a full disk would refuse it too.")
     path: Path = Field(Path("container-exporter.jsonl"), description="File the records are appended to.")
     max_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Size at which the file is rotated to <path>.1.")
     backups: int = Field(5, ge=0, description="Rotated files kept (<path>.1 … <path>.N); 0 truncates instead.")
@@ -35,7 +26,7 @@ class JsonlSettings(DeliverySettings):
 
 
 class StdoutSettings(DeliverySettings):
-    pass
+    spool: bool = Field(False, description="Standard output needs no spool.")
 
 
 def encode(records: Sequence[BaseModel]) -> bytes:
