@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, create_model
 DRIVERS: dict[str, tuple[str, str, str]] = {
     "jsonl": ("sinks.jsonl", "JsonlSettings", "JsonlSink"),
     "stdout": ("sinks.jsonl", "StdoutSettings", "StdoutSink"),
+    "influxdb": ("sinks.influxdb", "InfluxDBSettings", "InfluxDBSink"),
+    "kafka": ("sinks.kafka", "KafkaSettings", "KafkaSink"),
+    "elasticsearch": ("sinks.elasticsearch", "ElasticsearchSettings", "ElasticsearchSink"),
 }
 
 

@@ -20,6 +20,9 @@ from tests.infra import docker as docker_infra
 
 log = logging.getLogger(__name__)
 
+# Session fixtures of the stores the sinks are tested against.
+pytest_plugins = ["tests.infra.influx", "tests.infra.kafka", "tests.infra.opensearch"]
+
 
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:

@@ -1,0 +1,1 @@
+"""Kafka (tansu) broker for the test session."""

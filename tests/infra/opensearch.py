@@ -1,0 +1,1 @@
+"""OpenSearch-compatible server (osmem-server) for the test session."""
