@@ -25,10 +25,13 @@ from exporter.manager import Identity, Manager
 from exporter.models import ContainerStats, MachineInfo, VersionInfo
 from sinks import registry
 from sinks.base import SinkHub, SinkWorker
+from sinks.settings import DeliverySettings
 
 log = logging.getLogger(__name__)
 
 GLOBAL_JOB_ID = "global-housekeeping"
+SINK_SUMMARY_JOB_ID = "sink-summary"
+SINK_SUMMARY_INTERVAL_S = 60.0
 
 
 def docker_factory(config: Config) -> DockerFactory | None:
@@ -43,15 +46,17 @@ def build_sinks(config: Config) -> list[SinkWorker]:
     workers = []
     for name in config.storage_driver:
         settings = config.sink_settings(name)
+        assert isinstance(settings, DeliverySettings)
         sink = registry.sink_class(name)(settings)
-        workers.append(
-            SinkWorker(
-                sink,
-                queue_size=settings.queue_size,  # type: ignore[attr-defined]
-                batch_size=settings.batch_size,  # type: ignore[attr-defined]
-                buffer_duration_s=settings.buffer_duration,  # type: ignore[attr-defined]
-            )
-        )
+        spool = None
+        if settings.spool:
+            from sinks.spool import Spool
+
+            directory = settings.spool_dir or config.state_dir / "spool" / name
+            spool = Spool(directory, settings.spool_max_bytes, settings.spool_fsync)
+            if len(spool):
+                log.info("sink %s: %d records in the spool from a previous run will be delivered first", name, len(spool))
+        workers.append(SinkWorker(sink, settings, spool))
     return workers
 
 
@@ -136,6 +141,8 @@ class App:
         log.info("monitoring %d containers; sinks: %s", len(self.manager.names()), ", ".join(self.config.storage_driver) or "none")
         interval = self.config.global_housekeeping_interval
         self.scheduler.add(GLOBAL_JOB_ID, self.global_housekeeping, interval, first_run_in_s=interval)
+        if self.hub.workers:
+            self.scheduler.add(SINK_SUMMARY_JOB_ID, self.hub.log_summary, SINK_SUMMARY_INTERVAL_S, first_run_in_s=SINK_SUMMARY_INTERVAL_S)
 
     def global_housekeeping(self) -> None:
         """Rescan the hierarchy (the watcher's backup), expire cached stats, log self usage."""
@@ -164,8 +171,9 @@ class App:
             )
         self._usage_mark = (now, cpu_s)
 
-    def stop(self, deadline_s: float = 10.0) -> None:
-        """Stop collecting, then deliver what the sinks still hold within ``deadline_s``."""
+    def stop(self, deadline_s: float | None = None) -> None:
+        """Stop collecting, then deliver what the sinks still hold within each sink's
+        shutdown_timeout (or ``deadline_s``); what is left stays in the spools."""
         self.watcher.stop()
         self.scheduler.shutdown(wait=True)
         self.manager.stop()

@@ -6,7 +6,9 @@ Every field that a kernel file may not provide is optional: ``None`` means "unse
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -23,9 +25,18 @@ class Envelope(Record):
     _json: bytes | None = PrivateAttr(default=None)
 
     def json_bytes(self) -> bytes:
-        if self._json is None:
-            self._json = self.__pydantic_serializer__.to_json(self)
-        return self._json
+        # Straight to the private dict: attribute access to a private attribute goes through
+        # pydantic's __getattr__, which costs as much as a small serialization.
+        private = self.__pydantic_private__
+        data = private["_json"]  # type: ignore[index]
+        if data is None:
+            data = private["_json"] = self.__pydantic_serializer__.to_json(self)  # type: ignore[index]
+        return data
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__pydantic_private__["_json"] = None  # type: ignore[index]
+        return copy
 
     def __eq__(self, other: object) -> bool:
         # The cached JSON is not part of the value.
