@@ -25,12 +25,20 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
+# Client libraries that log every request or every failed connection: the sink workers report
+# failures themselves, once per kind, and count the rest.
+QUIET_LOGGERS = ("elastic_transport", "urllib3", "kafka", "influxdb_client")
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level != "DEBUG":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _raise_fd_limit() -> None:
@@ -130,6 +138,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The JSON Schema of the records the sinks publish; schemas/container-<kind>.schema.json
+    holds the same text."""
+    import json
+
+    from exporter import models
+
+    schemas = {}
+    for kind, names in (("stats", ("ContainerStats",)), ("events", ("Event", "ContainerEvent"))):
+        model = next((getattr(models, n) for n in names if hasattr(models, n)), None)
+        if args.kind in (kind, "all") and model is not None:
+            schema = model.model_json_schema(mode="serialization")
+            schemas[kind] = {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "$id": f"container-{kind}.schema.json",
+                **schema,
+            }
+    if args.kind != "all" and args.kind not in schemas:
+        print(f"there is no {args.kind} record model yet", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(schemas if args.kind == "all" else schemas[args.kind], indent=2))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="container-exporter", description="Container metrics from cgroups.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -143,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file and explain every setting")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+    schema = sub.add_parser("schema", help="print the JSON Schema of the published records")
+    schema.add_argument("--kind", choices=["stats", "events", "all"], default="stats", help="which records (default: stats)")
+    schema.set_defaults(func=cmd_schema)
     return parser
 
 
