@@ -30,7 +30,9 @@ class StdoutSettings(DeliverySettings):
 
 
 def encode(records: Sequence[BaseModel]) -> bytes:
-    return b"".join(json_bytes(r) + b"\n" for r in records)
+    lines = [r.json_bytes() if isinstance(r, Envelope) else json_bytes(r) for r in records]
+    lines.append(b"")  # the last newline, without copying the whole batch once more
+    return b"\n".join(lines)
 
 
 def json_bytes(record: BaseModel) -> bytes:

@@ -3,6 +3,7 @@ for real in tests/test_sink_*.py and tests/test_sink_faults.py)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -10,7 +11,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from exporter.models import Envelope
-from sinks.base import BoundedQueue, SinkWorker
+from sinks.base import BoundedQueue, SinkHub, SinkWorker
 from sinks.protocol import AUTH, THROTTLED, UNREACHABLE, PartialFailure, SinkError
 from sinks.settings import DeliverySettings
 from sinks.spool import Spool
@@ -305,3 +306,17 @@ def test_a_hung_store_never_blocks_submit(blocked_s):
     release.set()
     wait_for(lambda: len(sink.stored) == 2001)
     worker.stop()
+
+
+def test_summary_line_has_the_counters(caplog):
+    sink = ScriptedSink([down(), None])
+    worker = SinkWorker(sink, settings())
+    worker.start()
+    feed(worker, range(1, 6))
+    wait_for(lambda: len(sink.stored) == 5)
+    hub = SinkHub([worker])
+    with caplog.at_level(logging.INFO, logger="sinks.base"):
+        hub.log_summary()
+    worker.stop()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sink scripted: sent")]
+    assert "sent 5" in line and "failed attempts 1" in line and "dropped 0" in line and "queue 0/100000" in line
