@@ -70,6 +70,8 @@ class Container:
         self.spec = self.read_spec()
         self.seq = 0
         self._stamp = {"machine_id": identity.machine_id, "hostname": identity.hostname, "run_id": identity.run_id}
+        # Per-container summary statistics (minute/hour/day percentiles), when the app keeps them.
+        self.summary: Any = None
         self._activity: tuple[object, ...] | None = None
         self._lock = threading.Lock()
         self.closed = False
@@ -313,6 +315,8 @@ class Manager:
     def _tick(self, container: Container) -> bool:
         record, changed = container.collect()
         self.cache.add_stats(record)
+        if container.summary is not None:
+            container.summary.add_sample(record)
         return changed
 
     def _on_gone(self, name: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -85,6 +85,7 @@ class ContainerSpec(Record):
     env: dict[str, str] = Field(default_factory=dict)
     has_network: bool = False
     has_filesystem: bool = False
+    custom_metrics: list[CustomMetricSpec] = Field(default_factory=list)
 
 
 class CpuStats(Record):
@@ -182,6 +183,21 @@ class FilesystemStats(Record):
     measured_at: datetime | None = None
 
 
+class CustomMetricSpec(Record):
+    """A metric an application exposes, declared by its collector configuration."""
+
+    name: str
+    type: Literal["gauge", "counter"] = "gauge"
+    format: Literal["int", "float"] = "float"
+    units: str | None = None
+
+
+class CustomMetricValue(Record):
+    labels: dict[str, str] = Field(default_factory=dict)
+    value: float
+    timestamp: datetime | None = None
+
+
 class ContainerStats(Envelope):
     """One housekeeping sample of one container."""
 
@@ -200,6 +216,9 @@ class ContainerStats(Envelope):
     network: list[NetworkInterface] | None = None
     pressure: PressureStats | None = None
     filesystem: list[FilesystemStats] | None = None
+    custom_metrics: dict[str, list[CustomMetricValue]] | None = Field(
+        default=None, description="application metrics scraped by the container's collectors, by metric name"
+    )
 
 
 class FilesystemInfo(Record):
@@ -241,3 +260,30 @@ class VersionInfo(Record):
     docker_version: str | None = None
     docker_api_version: str | None = None
     python_version: str
+
+
+EVENT_TYPES = ("containerCreation", "containerDeletion", "oom", "oomKill")
+EventType = Literal["containerCreation", "containerDeletion", "oom", "oomKill"]
+
+
+class EventData(Record):
+    """cAdvisor's event data: OOM details, or a deletion's exit code."""
+
+    pid: int | None = Field(default=None, description="oom, oomKill: the process the kernel killed")
+    process_name: str | None = None
+    constraint: str | None = Field(default=None, description="oomKill on Linux >= 5.0: CONSTRAINT_MEMCG, CONSTRAINT_NONE, ...")
+    exit_code: int | None = Field(default=None, description="containerDeletion: Docker's exit code, -1 when unknown")
+
+
+class Event(Envelope):
+    """Something that happened to a container."""
+
+    schema_version: int = SCHEMA_VERSION
+    record_id: str = Field(description="hex id derived from machine id, container, event type and timestamp")
+    machine_id: str
+    hostname: str
+    container_name: str = Field(description="cgroup path of the container")
+    container: ContainerReference | None = None
+    timestamp: datetime = Field(description="when it happened (creation: the container's creation time)")
+    event_type: EventType
+    event_data: EventData = Field(default_factory=EventData)

@@ -21,14 +21,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from exporter.models import ContainerStats, Envelope
+from exporter.models import ContainerStats, Envelope, Event
 from sinks.protocol import ERROR, PartialFailure, Sink, SinkError
 from sinks.settings import DeliverySettings
 
 log = logging.getLogger(__name__)
 
 # Spool payload: one byte naming the record type, then the record's JSON.
-RECORD_TYPES: dict[bytes, type[Envelope]] = {b"s": ContainerStats}
+RECORD_TYPES: dict[bytes, type[Envelope]] = {b"s": ContainerStats, b"e": Event}
 _TYPE_TAGS: dict[type[Envelope], bytes] = {cls: tag for tag, cls in RECORD_TYPES.items()}
 
 

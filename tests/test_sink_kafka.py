@@ -434,3 +434,8 @@ def test_published_schema_is_what_the_schema_command_prints(host_records):
         [sys.executable, "-m", "exporter", "schema", "--kind", "all"], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert everything.returncode == 0 and json.loads(everything.stdout)["stats"] == schema
+    events = subprocess.run(
+        [sys.executable, "-m", "exporter", "schema", "--kind", "events"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert events.stdout == (ROOT / "schemas" / "container-events.schema.json").read_text()
+    assert json.loads(events.stdout)["title"] == "Event"
