@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, BeforeValidator
 
 from exporter import __version__
-from exporter.config import Config, ConfigError, load_config_with_sources
+from exporter.config import Config, ConfigError, load_config_with_sources, with_host_paths
 from exporter.durations import format_duration, parse_duration
 
 log = logging.getLogger("exporter")
@@ -52,8 +52,8 @@ def _raise_fd_limit() -> None:
 
 
 def _load(path: str | None) -> Config:
-    config, _ = load_config_with_sources(path)
-    return config
+    config, sources = load_config_with_sources(path)
+    return with_host_paths(config, sources)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

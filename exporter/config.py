@@ -116,6 +116,22 @@ class Config(BaseModel):
         return settings if settings is not None else registry.settings_model(name)()
 
 
+HOST_ROOTFS = Path("/rootfs")
+
+
+def with_host_paths(config: Config, sources: Mapping[str, str], host_rootfs: Path = HOST_ROOTFS) -> Config:
+    """Inside a container with the host's / mounted at /rootfs (as cAdvisor checks for
+    /rootfs/proc), read the host through it: rootfs, proc_root and sys_root default to the
+    host's unless the user set them."""
+    if not (host_rootfs / "proc").is_dir():
+        return config
+    update: dict[str, Path] = {}
+    for key, path in (("rootfs", host_rootfs), ("proc_root", host_rootfs / "proc"), ("sys_root", host_rootfs / "sys")):
+        if key not in sources:
+            update[key] = path
+    return config.model_copy(update=update) if update else config
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     """``CONTAINER_EXPORTER_KEY`` → {"key": (var, value)}; ``__`` separates nested keys
     (``CONTAINER_EXPORTER_SINKS__JSONL__PATH`` → sinks.jsonl.path)."""

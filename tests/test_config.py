@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import Config, ConfigError, env_overrides, load_config, load_config_with_sources
+from exporter.config import Config, ConfigError, env_overrides, load_config, load_config_with_sources, with_host_paths
 from exporter.durations import format_duration, parse_duration
 from sinks import registry
 
@@ -148,3 +148,33 @@ def test_example_documents_every_key_and_matches_defaults():
             continue
         assert getattr(loaded, key) == getattr(defaults, key), key
     assert loaded.sink_settings("jsonl") == defaults.sink_settings("jsonl")
+
+
+def test_host_paths_through_rootfs_when_the_host_is_mounted(tmp_path):
+    host = tmp_path / "rootfs"
+    (host / "proc").mkdir(parents=True)
+    config, sources = load_config_with_sources(None, environ={})
+    moved = with_host_paths(config, sources, host_rootfs=host)
+    assert (moved.rootfs, moved.proc_root, moved.sys_root) == (host, host / "proc", host / "sys")
+    assert moved.cgroup_root == Path("/sys/fs/cgroup")  # mounted at its own place
+    # what the user set stays
+    path = tmp_path / "c.toml"
+    path.write_text('proc_root = "/elsewhere/proc"\n')
+    config, sources = load_config_with_sources(path, environ={})
+    assert with_host_paths(config, sources, host_rootfs=host).proc_root == Path("/elsewhere/proc")
+    # no /rootfs/proc: nothing changes
+    assert with_host_paths(config, sources, host_rootfs=tmp_path / "none") is config
+
+
+def test_configuration_reference_is_generated_from_the_models():
+    from exporter.reference import render
+
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert committed == render(), "regenerate: python -m exporter.reference > docs/configuration.md"
+    for key in Config.model_fields:
+        if key != "sinks":
+            assert f"| `{key}` |" in committed
+    for name in registry.DRIVERS:
+        assert f"## `[sinks.{name}]`" in committed
+        for key in registry.settings_model(name).model_fields:
+            assert f"| `{key}` |" in committed
