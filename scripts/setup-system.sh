@@ -4,7 +4,7 @@
 # scripts would start dockerd, influxd and victoria-metrics where they can).
 set -euo pipefail
 
-PACKAGES=(docker.io busybox-static influxdb victoria-metrics inotify-tools)
+PACKAGES=(docker.io docker-compose busybox-static influxdb victoria-metrics inotify-tools debootstrap apache2-utils)
 # Process names as pgrep -x sees them: the kernel keeps 15 characters ("victoria-metric").
 DAEMONS=(dockerd containerd influxd victoria-metric)
 
