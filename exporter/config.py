@@ -90,6 +90,28 @@ class Config(BaseModel):
             raise ValueError("a storage driver is listed twice")
         return value
 
+    @field_validator("event_storage_age_limit")
+    @classmethod
+    def _event_ages(cls, value: str) -> str:
+        from exporter.events import parse_storage_policy
+
+        try:
+            parse_storage_policy(value, "")
+        except ValueError as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return value
+
+    @field_validator("event_storage_event_limit")
+    @classmethod
+    def _event_counts(cls, value: str) -> str:
+        from exporter.events import parse_storage_policy
+
+        try:
+            parse_storage_policy("", value)
+        except ValueError as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

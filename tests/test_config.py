@@ -178,3 +178,10 @@ def test_configuration_reference_is_generated_from_the_models():
         assert f"## `[sinks.{name}]`" in committed
         for key in registry.settings_model(name).model_fields:
             assert f"| `{key}` |" in committed
+
+
+def test_bad_event_policy_names_the_key(tmp_path):
+    path, problems = _problems(tmp_path, 'event_storage_age_limit = "default=forever"\nevent_storage_event_limit = "oom=lots"\n')
+    text = "\n".join(problems)
+    assert f"{path}: key 'event_storage_age_limit'" in text and "forever" in text
+    assert f"{path}: key 'event_storage_event_limit'" in text and "lots" in text
