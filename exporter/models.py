@@ -134,7 +134,8 @@ class DiskIoDevice(Record):
 
 
 class ProcessStats(Record):
-    pids_current: int | None = None
+    processes: int | None = Field(default=None, description="processes (thread group leaders) in the cgroup itself")
+    pids_current: int | None = Field(default=None, description="pids.current: tasks (threads) in the cgroup and below")
     pids_limit: int | None = None
     threads: int | None = None
     open_fds: int | None = None

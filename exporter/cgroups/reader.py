@@ -240,6 +240,7 @@ class ContainerReader:
 
     def _processes(self, procs: bytes | None, tasks: bytes | None) -> dict[str, Any]:
         return {
+            "processes": procs.count(b"\n") if procs is not None else None,
             "pids_current": self.cgroup.pids(),
             "threads": tasks.count(b"\n") if tasks is not None else None,
             "open_fds": self._proc.open_fds(procs.split()) if procs is not None else None,
