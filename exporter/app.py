@@ -8,21 +8,30 @@ import resource
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
+from exporter.api import prometheus
+from exporter.api.auth import AuthFileError, AuthMiddleware, options_from_config
+from exporter.api.context import ApiContext
+from exporter.api.server import ApiServer, create_app
 from exporter.cache import InMemoryCache
 from exporter.cgroups.layout import CgroupLayout, detect_layout
 from exporter.cgroups.procs import ProcReader
 from exporter.cgroups.reader import DeviceNames
 from exporter.clock import Clock, SystemClock
-from exporter.config import Config
+from exporter.config import Config, ConfigError
 from exporter.discovery.docker import DockerFactory
 from exporter.discovery.factories import Factory, RawFactory, RuntimeScopeFactory, SystemdFactory
 from exporter.discovery.watcher import CgroupWatcher, scan
+from exporter.events import EventManager, events_router, parse_storage_policy
 from exporter.fs import WritableLayerUsage, filesystem_stats, machine_filesystems, read_mounts
 from exporter.housekeeping import Scheduler
 from exporter.machine import read_machine_info, read_version_info
 from exporter.manager import Identity, Manager
 from exporter.models import ContainerStats, MachineInfo, VersionInfo
+from exporter.oom import OomWatcher
+from exporter.summary import StatsSummary
 from sinks import registry
 from sinks.base import SinkHub, SinkWorker
 from sinks.settings import DeliverySettings
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 GLOBAL_JOB_ID = "global-housekeeping"
 SINK_SUMMARY_JOB_ID = "sink-summary"
 SINK_SUMMARY_INTERVAL_S = 60.0
+EVENTS_EXPIRY_JOB_ID = "events-expiry"
+EVENTS_EXPIRY_INTERVAL_S = 60.0
 
 
 def docker_factory(config: Config) -> DockerFactory | None:
@@ -60,8 +71,22 @@ def build_sinks(config: Config) -> list[SinkWorker]:
     return workers
 
 
+def resolve_event_container(manager: Manager) -> Callable[[str], str | None]:
+    """Event queries name a container by cgroup path, or /docker/<name or id>."""
+
+    def resolve(name: str) -> str | None:
+        if manager.get(name) is not None:
+            return name
+        if name.startswith("/docker/"):
+            found = manager.resolve("docker", name[len("/docker/") :])
+            return found.name if found is not None else None
+        return None  # unknown: kept as given, so a deleted container's events stay queryable
+
+    return resolve
+
+
 class App:
-    def __init__(self, config: Config, clock: Clock | None = None, with_sinks: bool = True) -> None:
+    def __init__(self, config: Config, clock: Clock | None = None, with_sinks: bool = True, with_api: bool = True) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.layout: CgroupLayout = detect_layout(config.cgroup_root)
@@ -113,12 +138,57 @@ class App:
             devices=DeviceNames(config.sys_root),
             layers=self.layers,
             machine_filesystems=lambda: filesystem_stats(mounts, config.rootfs, failures=fs_failures),
+            summary_factory=lambda: StatsSummary(self.clock, config.housekeeping_interval, config.max_housekeeping_interval),
         )
+        try:
+            policy = parse_storage_policy(config.event_storage_age_limit, config.event_storage_event_limit)
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
+        self.events = EventManager(
+            policy,
+            self.identity,
+            self.clock,
+            sink=self.hub.submit if self.hub.workers else None,
+            docker=self.docker,
+            lookup=self.manager.get,
+        )
+        self.manager.listeners.append(self.events)
+        self.oom = OomWatcher(self.events.add_oom, self.clock) if "oom_event" in config.metrics else None
         self.roots = self.layout.discovery_roots()
         self.watcher = CgroupWatcher(self.roots, self.manager.create, self.manager.destroy, on_overflow=self._rescan_soon)
         self._rescan_lock = threading.Lock()
         self.rescans = 0
         self._usage_mark: tuple[float, float] | None = None
+        self.api_context = ApiContext(
+            config=config,
+            manager=self.manager,
+            cache=self.cache,
+            machine_info=self.machine_info,
+            version_info=self.version_info,
+            sinks=self.hub.workers,
+            scheduler=self.scheduler,
+            started_at=self.clock.time(),
+            events=self.events,
+            watcher_degraded=lambda: self.watcher.degraded,
+            collection_stats=self.manager.collection_stats,
+        )
+        self.api: ApiServer | None = None
+        if with_api:
+            self.api = ApiServer(self._http_app(), config.listen_ip, config.port)
+
+    def _http_app(self) -> Any:
+        try:
+            auth = options_from_config(self.config)
+        except AuthFileError as exc:
+            raise ConfigError([str(exc)]) from None
+        middleware: list[tuple[type, dict[str, Any]]] = []
+        if auth is not None:
+            middleware.append((AuthMiddleware, {**auth, "clock": self.clock.monotonic}))
+        routers = [
+            prometheus.router(self.api_context),
+            events_router(self.events, resolve_event_container(self.manager)),
+        ]
+        return create_app(self.api_context, routers, middleware, clock=self.clock)
 
     def log_startup(self) -> None:
         m, v = self.machine_info, self.version_info
@@ -133,6 +203,8 @@ class App:
     def start(self) -> None:
         self.log_startup()
         self.hub.start()
+        if self.oom is not None:
+            self.oom.start()
         self.scheduler.start()
         self.layers.start()
         self.manager.create("/")
@@ -141,8 +213,13 @@ class App:
         log.info("monitoring %d containers; sinks: %s", len(self.manager.names()), ", ".join(self.config.storage_driver) or "none")
         interval = self.config.global_housekeeping_interval
         self.scheduler.add(GLOBAL_JOB_ID, self.global_housekeeping, interval, first_run_in_s=interval)
+        self.scheduler.add(EVENTS_EXPIRY_JOB_ID, self.events.expire, EVENTS_EXPIRY_INTERVAL_S, first_run_in_s=EVENTS_EXPIRY_INTERVAL_S)
         if self.hub.workers:
             self.scheduler.add(SINK_SUMMARY_JOB_ID, self.hub.log_summary, SINK_SUMMARY_INTERVAL_S, first_run_in_s=SINK_SUMMARY_INTERVAL_S)
+        if self.api is not None:
+            self.api_context.started_at = self.clock.time()
+            self.api.start()
+            log.info("HTTP API on %s:%d", self.config.listen_ip, self.api.port)
 
     def global_housekeeping(self) -> None:
         """Rescan the hierarchy (the watcher's backup), expire cached stats, log self usage."""
@@ -174,9 +251,14 @@ class App:
     def stop(self, deadline_s: float | None = None) -> None:
         """Stop collecting, then deliver what the sinks still hold within each sink's
         shutdown_timeout (or ``deadline_s``); what is left stays in the spools."""
+        if self.api is not None:
+            self.api.stop()
         self.watcher.stop()
+        if self.oom is not None:
+            self.oom.stop()
         self.scheduler.shutdown(wait=True)
         self.manager.stop()
+        self.events.stop()  # finishes Docker exit-code lookups, so deletions still reach the sinks
         self.layers.stop()
         self.hub.stop(deadline_s)
 

@@ -91,7 +91,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     _setup_logging(config.log_level if config.log_level != "INFO" else "WARNING")
-    app = App(config, with_sinks=False)
+    app = App(config, with_sinks=False, with_api=False)
     out = sys.stdout.buffer
     for record in app.collect_once():
         out.write(record.__pydantic_serializer__.to_json(record) + b"\n")

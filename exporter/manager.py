@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -173,6 +174,7 @@ class Manager:
         devices: DeviceNames | None = None,
         layers: LayerTracker | None = None,
         machine_filesystems: FilesystemSource | None = None,
+        summary_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.layout = layout
         self.factories = list(factories)
@@ -189,7 +191,13 @@ class Manager:
         self.max_interval_s = max_housekeeping_interval_s
         self.allow_dynamic = allow_dynamic_housekeeping
         self.host_netns = proc.host_netns()
+        self.summary_factory = summary_factory
         self.listeners: list[ContainerListener] = []
+        # Read by the API's self-metrics: how long collections take.
+        self.collection_stats: dict[str, float] = {
+            "last_collection_duration_s": 0.0, "max_collection_duration_s": 0.0, "collection_duration_sum_s": 0.0, "collection_count": 0,
+        }
+        self._stats_lock = threading.Lock()
         self.malformed_files = 0
         self._malformed_seen: set[tuple[str, str]] = set()
         self._containers: dict[str, Container] = {}
@@ -291,6 +299,8 @@ class Manager:
             self.scheduler,
             ContainerGone,
         )
+        if self.summary_factory is not None:
+            container.summary = self.summary_factory()
         with self._lock:
             self._jobs[name] = job
         self.scheduler.add(name, job, self.interval_s, first_run_in_s)
@@ -313,10 +323,18 @@ class Manager:
         return not any((root / name.lstrip("/")).is_dir() for root in self.layout.discovery_roots())
 
     def _tick(self, container: Container) -> bool:
+        started = time.perf_counter()
         record, changed = container.collect()
         self.cache.add_stats(record)
         if container.summary is not None:
             container.summary.add_sample(record)
+        took = time.perf_counter() - started
+        stats = self.collection_stats
+        with self._stats_lock:
+            stats["last_collection_duration_s"] = took
+            stats["max_collection_duration_s"] = max(stats["max_collection_duration_s"], took)
+            stats["collection_duration_sum_s"] += took
+            stats["collection_count"] += 1
         return changed
 
     def _on_gone(self, name: str) -> None:

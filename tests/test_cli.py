@@ -64,7 +64,7 @@ def test_run_stops_cleanly_on_signal_and_flushes(tmp_path, signum):
     out = tmp_path / "stats.jsonl"
     config = write_config(
         tmp_path,
-        'docker_endpoint = "unix:///nonexistent.sock"\nallow_dynamic_housekeeping = false\n'
+        'docker_endpoint = "unix:///nonexistent.sock"\nallow_dynamic_housekeeping = false\nlisten_ip = "127.0.0.1"\nport = 0\n'
         f'[sinks.jsonl]\npath = "{out}"\nbuffer_duration = "30s"\n',
     )
     proc = subprocess.Popen([sys.executable, "-m", "exporter", "run", "--config", str(config)], cwd=ROOT,
@@ -84,6 +84,8 @@ def test_run_stops_cleanly_on_signal_and_flushes(tmp_path, signum):
     seqs: dict[str, list[int]] = defaultdict(list)
     for line in out.read_text().splitlines():
         record = json.loads(line)
+        if "event_type" in record:
+            continue
         seqs[record["container"]["name"]].append(record["seq"])
     assert "/" in seqs and len(seqs["/"]) >= 2
     for name, got in seqs.items():

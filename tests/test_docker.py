@@ -24,6 +24,8 @@ def docker_app(docker_engine, tmp_path: Path):
     config = Config.model_validate(
         {
             "global_housekeeping_interval": "1h",
+            "listen_ip": "127.0.0.1",
+            "port": 0,
             "allow_dynamic_housekeeping": False,
             "docker_only": True,
             "docker_endpoint": docker_engine.endpoint,
@@ -117,6 +119,8 @@ def test_docker_metadata_arrives_when_docker_comes_back(tmp_path, docker_engine,
     config = Config.model_validate(
         {
             "global_housekeeping_interval": "1h",
+            "listen_ip": "127.0.0.1",
+            "port": 0,
             "docker_only": True,
             "docker_endpoint": f"unix://{proxy}",
             "storage_driver": [],
@@ -154,6 +158,8 @@ def test_writable_layer_usage_matches_du(docker_engine, busybox_image, make_cont
     config = Config.model_validate(
         {
             "global_housekeeping_interval": "1h",
+            "listen_ip": "127.0.0.1",
+            "port": 0,
             "docker_only": True,
             "docker_endpoint": docker_engine.endpoint,
             "writable_layer_interval": "1s",

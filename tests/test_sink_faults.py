@@ -52,8 +52,8 @@ class Ref:
 
 def reference(path: Path) -> list[Ref]:
     out = []
-    for position, line in enumerate(path.read_text().splitlines()):
-        r = json.loads(line)
+    stats_lines = [r for r in map(json.loads, path.read_text().splitlines()) if "event_type" not in r]
+    for position, r in enumerate(stats_lines):
         c = r["container"]
         out.append(Ref(r["record_id"], r["run_id"], c["name"], c["id"] or c["name"], r["seq"], datetime.fromisoformat(r["timestamp"]), position))
     return out
@@ -99,10 +99,10 @@ class Stores:
         return Counter({row["record_id"]: 1 for row in rows if row.get("record_id")})
 
     def in_kafka(self) -> Counter[str]:
-        return Counter(dict(m.headers)["record_id"].decode() for m in self.kafka.consume(self.topic))
+        return Counter(dict(m.headers)["record_id"].decode() for m in self.kafka.consume(self.topic))  # stats only: events have their own topic
 
     def in_es(self) -> Counter[str]:
-        return Counter(hit["_id"] for hit in self.es.search(self.index + "-*"))
+        return Counter(hit["_id"] for hit in self.es.search(self.index + "-2*"))  # the dated stats indices
 
     def in_vm(self, refs: list[Ref]) -> Counter[str]:
         """VictoriaMetrics keeps no string fields: a record is found by cgroup and timestamp."""
@@ -139,6 +139,8 @@ def app_config(tmp_path: Path, stores: Stores, drivers: list[str], **overrides: 
         "global_housekeeping_interval": "1h",
         "docker_endpoint": "unix:///nonexistent/docker.sock",
         "state_dir": str(tmp_path / "state"),
+        "listen_ip": "127.0.0.1",
+        "port": 0,
         "storage_driver": ["jsonl", *drivers],
         "sinks": sinks,
     }
