@@ -333,8 +333,9 @@ def test_docker_container_series_equal_the_cached_record(live, docker_engine, bu
     }
 
     # Processes: sh exec'd yes after the OOM kill.
-    assert page.value("container_threads", **mine) == rec.processes.threads == 1
-    assert page.value("container_processes", **mine) == rec.processes.processes == 1
+    # (a fork in flight can make it two for a moment: compare with the record, not a constant)
+    assert page.value("container_threads", **mine) == rec.processes.threads >= 1
+    assert page.value("container_processes", **mine) == rec.processes.processes >= 1
     assert page.value("container_file_descriptors", **mine) == rec.processes.open_fds
     assert page.value("container_threads_max", **mine) == (rec.processes.pids_limit or 0)
 

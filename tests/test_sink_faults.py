@@ -298,6 +298,7 @@ def test_outage_longer_than_the_spool_drops_the_oldest_and_counts(tmp_path, stor
     config = app_config(
         tmp_path, stores, ["elasticsearch"],
         housekeeping_interval="100ms",
+        event_storage_event_limit="default=0",  # stats only, so the reference covers every spooled record
         sink_overrides={"elasticsearch": {"spool_max_bytes": 60_000}},
     )
     app = App(config)
