@@ -7,9 +7,11 @@ exporter and the headers a client sends. An auth-enabled variant adds its creden
 
 from __future__ import annotations
 
+import base64
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from exporter.api.server import ApiServer, create_app
 from exporter.app import App
-from tests.test_api import api_config, context_of
+from tests.test_api import api_config
 from tests.test_pipeline import wait_for
 
 pytestmark = pytest.mark.root
@@ -31,14 +32,14 @@ pytestmark = pytest.mark.root
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the exporter's API, and what a client must send to it."""
+    """One way to run the exporter: auth files it is configured with (made with Apache's own
+    htpasswd/htdigest), and the credentials a client sends."""
 
-    config: dict[str, Any] = field(default_factory=dict)
-    middleware: tuple[tuple[type, dict[str, Any]], ...] = ()
-    headers: dict[str, str] = field(default_factory=dict)
+    basic_user: str | None = None
+    password: str = "s3cret pass"
 
 
-VARIANTS = [pytest.param(Variant(), id="no-auth")]
+VARIANTS = [pytest.param(Variant(), id="no-auth"), pytest.param(Variant(basic_user="scraper"), id="basic-auth")]
 
 # Bounded: a handful of examples per operation and mode keeps the whole run well under a minute.
 EXAMPLES = 10
@@ -57,22 +58,30 @@ CONFIG = schemathesis.Config.from_dict(
 class LiveApi:
     url: str
     headers: dict[str, str]
+    auth: bool
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def live_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApi]:
+    """The exporter's own server (app.api), routers and middleware as the config asks."""
     variant: Variant = request.param
     tmp: Path = tmp_path_factory.mktemp("schemathesis")
-    config = api_config(tmp, enable_profiling=True, **variant.config)
+    extra: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    if variant.basic_user:
+        htpasswd = tmp / "htpasswd"
+        subprocess.run(["htpasswd", "-cbB", str(htpasswd), variant.basic_user, variant.password], check=True, capture_output=True)
+        extra["http_auth_file"] = str(htpasswd)
+        token = base64.b64encode(f"{variant.basic_user}:{variant.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    config = api_config(tmp, enable_profiling=True, **extra)
     app = App(config)
     app.start()
-    server = ApiServer(create_app(context_of(app), middleware=variant.middleware), config.listen_ip, config.port)
     try:
-        server.start()
+        assert app.api is not None
         wait_for(lambda: app.cache.latest("/"), 10.0, "a first record of the root container")
-        yield LiveApi(server.url, dict(variant.headers))
+        yield LiveApi(f"http://127.0.0.1:{app.api.port}", headers, bool(variant.basic_user))
     finally:
-        server.stop()
         app.stop(deadline_s=1.0)
 
 
@@ -154,3 +163,22 @@ def test_api_conforms_to_its_spec(live_api: LiveApi) -> None:
     assert negative[400] >= 10, statuses
     assert no_invalid_input < len(operations) / 2  # most operations take parameters that can be wrong
     print(f"schemathesis: {positive.total() + negative.total()} requests; {no_invalid_input} operations take no invalid input; {statuses}")
+
+
+def test_credentials_are_required_exactly_when_auth_is_on(live_api: LiveApi) -> None:
+    """With auth on, every operation of the spec (and /metrics, the events API) refuses a
+    client without credentials and /healthz stays open; with auth off nothing asks for them."""
+    spec = httpx.get(f"{live_api.url}/openapi.json", headers=live_api.headers).json()
+    paths = ["/openapi.json"] + [p.replace("{name}", "") for p in spec["paths"]] + ["/metrics", "/api/v1.3/events/", "/api/v2.0/events/"]
+    assert len(paths) > 15
+    for path in paths:
+        if path.startswith("/debug/profile"):
+            continue  # takes the seconds it is asked for
+        response = httpx.get(f"{live_api.url}{path}", timeout=30)
+        if path == "/healthz" or not live_api.auth:
+            assert response.status_code != 401, path
+        else:
+            assert response.status_code == 401, (path, response.status_code)
+            assert response.headers["www-authenticate"].startswith("Basic")
+    # with the credentials, served
+    assert httpx.get(f"{live_api.url}/metrics", headers=live_api.headers).status_code == 200
