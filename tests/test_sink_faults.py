@@ -345,3 +345,45 @@ def test_wrong_credentials_and_unknown_host_are_reported_once_and_counted(tmp_pa
         lines = [r for r in caplog.records if r.levelno >= logging.ERROR and f"sink {name}:" in r.getMessage()]
         assert len(lines) == 1, [r.getMessage() for r in lines]
         assert f"({category})" in lines[0].getMessage()
+
+
+def test_events_reach_the_stores_and_a_disabled_type_reaches_none(tmp_path, stores, make_cgroup):
+    """containerCreation set to 0: absent from the API and from the real Kafka events topic;
+    deletions arrive there, keyed by container."""
+    import httpx
+
+    events_topic = stores.kafka.create_topic(f"ce-events-{uuid.uuid4().hex[:8]}")
+    config = app_config(
+        tmp_path, stores, ["kafka", "elasticsearch"],
+        event_storage_event_limit="default=100000,containerCreation=0",
+        sink_overrides={"kafka": {"events_topic": events_topic}},
+    )
+    app = App(config)
+    app.start()
+    try:
+        cgroups = [make_cgroup() for _ in range(3)]
+        for cg in cgroups:
+            wait_for(lambda cg=cg: app.manager.get(cg.name), 5, "discovery")
+        for cg in cgroups:
+            cg.remove()
+        names = {cg.name for cg in cgroups}
+        wait_for(lambda: all(app.manager.get(n) is None for n in names), 5, "removal")
+        url = f"http://127.0.0.1:{app.api.port}/api/v1.3/events/"
+        answer = httpx.get(url, params={"all_events": "true", "subcontainers": "true", "max_events": "-1"}).json()
+        mine = [e for e in answer if e["container_name"] in names]
+        assert {e["event_type"] for e in mine} == {"containerDeletion"}
+        assert {e["container_name"] for e in mine} == names
+        wait_for(lambda: drained(app), 30, "delivery")
+    finally:
+        app.stop()
+    messages = stores.kafka.consume(events_topic, count=3)
+    types = Counter(json.loads(m.value)["event_type"] for m in messages)
+    assert types == Counter({"containerDeletion": len(messages)}) and len(messages) >= 3
+    mine = [m for m in messages if json.loads(m.value)["container_name"] in names]
+    assert len(mine) == 3
+    for m in mine:
+        assert m.key.decode() == json.loads(m.value)["container_name"]  # raw cgroups: their name is their id
+        assert dict(m.headers)["record_type"] == b"event"
+    es_events = stores.es.search(stores.index + "-events-*")
+    assert {h["_source"]["container_name"] for h in es_events} >= names
+    assert {h["_source"]["event_type"] for h in es_events} == {"containerDeletion"}
