@@ -20,6 +20,7 @@ from exporter.cgroups.layout import CgroupLayout, detect_layout
 from exporter.cgroups.procs import ProcReader
 from exporter.cgroups.reader import DeviceNames
 from exporter.clock import Clock, SystemClock
+from exporter.collectors import CollectorManager
 from exporter.config import Config, ConfigError
 from exporter.discovery.docker import DockerFactory
 from exporter.discovery.factories import Factory, RawFactory, RuntimeScopeFactory, SystemdFactory
@@ -43,6 +44,7 @@ SINK_SUMMARY_JOB_ID = "sink-summary"
 SINK_SUMMARY_INTERVAL_S = 60.0
 EVENTS_EXPIRY_JOB_ID = "events-expiry"
 EVENTS_EXPIRY_INTERVAL_S = 60.0
+COLLECTOR_TIMEOUT_S = 5.0
 
 
 def docker_factory(config: Config) -> DockerFactory | None:
@@ -123,6 +125,16 @@ class App:
             SystemdFactory(config.docker_only),
             RawFactory(config.docker_only, config.raw_cgroup_prefix_whitelist),
         ]
+        self.collectors = CollectorManager(
+            config.proc_root,
+            self.scheduler,
+            self.clock,
+            cert=config.collector_cert,
+            key=config.collector_key,
+            count_limit=config.application_metrics_count_limit,
+            timeout_s=COLLECTOR_TIMEOUT_S,
+            rootfs=config.rootfs,
+        )
         self.manager = Manager(
             layout=self.layout,
             factories=factories,
@@ -139,7 +151,9 @@ class App:
             layers=self.layers,
             machine_filesystems=lambda: filesystem_stats(mounts, config.rootfs, failures=fs_failures),
             summary_factory=lambda: StatsSummary(self.clock, config.housekeeping_interval, config.max_housekeeping_interval),
+            custom_metrics=self.collectors,
         )
+        self.manager.listeners.append(self.collectors)
         try:
             policy = parse_storage_policy(config.event_storage_age_limit, config.event_storage_event_limit)
         except ValueError as exc:
@@ -257,6 +271,7 @@ class App:
         if self.oom is not None:
             self.oom.stop()
         self.scheduler.shutdown(wait=True)
+        self.collectors.close()
         self.manager.stop()
         self.events.stop()  # finishes Docker exit-code lookups, so deletions still reach the sinks
         self.layers.stop()

@@ -19,7 +19,14 @@ from exporter.cgroups.reader import ContainerReader, DeviceNames
 from exporter.clock import Clock
 from exporter.discovery.factories import IGNORE, ContainerMeta, Factory
 from exporter.housekeeping import ContainerJob, DynamicInterval, Scheduler
-from exporter.models import ContainerReference, ContainerSpec, ContainerStats, FilesystemStats
+from exporter.models import (
+    ContainerReference,
+    ContainerSpec,
+    ContainerStats,
+    CustomMetricSpec,
+    CustomMetricValue,
+    FilesystemStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,12 @@ class LayerTracker(Protocol):
     def usage(self, name: str) -> FilesystemStats | None: ...
 
 
+class CustomMetricsSource(Protocol):
+    def latest(self, name: str) -> dict[str, list[CustomMetricValue]] | None: ...
+
+    def specs(self, name: str) -> list[CustomMetricSpec]: ...
+
+
 class ContainerListener(Protocol):
     def container_added(self, container: Container) -> None: ...
 
@@ -60,8 +73,10 @@ class Container:
         identity: Identity,
         clock: Clock,
         filesystem: FilesystemSource | None = None,
+        custom_metrics: CustomMetricsSource | None = None,
     ) -> None:
         self.name = name
+        self.custom_metrics = custom_metrics
         self.meta = meta
         self.reader = reader
         self.identity = identity
@@ -105,6 +120,9 @@ class Container:
                 processes["pids_limit"] = self.spec.pids_limit
             if self.filesystem is not None:
                 data["filesystem"] = self.filesystem()
+            if self.custom_metrics is not None:
+                self.spec.custom_metrics = self.custom_metrics.specs(self.name)
+                data["custom_metrics"] = self.custom_metrics.latest(self.name)
             self.seq += 1
             data["seq"] = self.seq
             now = self.clock.time()
@@ -137,6 +155,7 @@ def _activity(data: dict[str, Any]) -> tuple[object, ...]:
         data.get("diskio"),
         data.get("network"),
         data.get("processes"),
+        data.get("custom_metrics"),
     )
 
 
@@ -175,6 +194,7 @@ class Manager:
         layers: LayerTracker | None = None,
         machine_filesystems: FilesystemSource | None = None,
         summary_factory: Callable[[], Any] | None = None,
+        custom_metrics: CustomMetricsSource | None = None,
     ) -> None:
         self.layout = layout
         self.factories = list(factories)
@@ -192,6 +212,7 @@ class Manager:
         self.allow_dynamic = allow_dynamic_housekeeping
         self.host_netns = proc.host_netns()
         self.summary_factory = summary_factory
+        self.custom_metrics = custom_metrics
         self.listeners: list[ContainerListener] = []
         # Read by the API's self-metrics: how long collections take.
         self.collection_stats: dict[str, float] = {
@@ -267,7 +288,7 @@ class Manager:
             layers.track(name, meta.writable_layer)
             filesystem = lambda: _as_list(layers.usage(name))  # noqa: E731
         try:
-            return Container(name, meta, reader, self.identity, self.clock, filesystem)
+            return Container(name, meta, reader, self.identity, self.clock, filesystem, self.custom_metrics)
         except ContainerGone:
             reader.close()
             return None
@@ -379,6 +400,10 @@ class Manager:
                         self._index(container, add=False)
                         container.update_meta(meta)
                         self._index(container)
+                    for listener in self.listeners:
+                        updated = getattr(listener, "container_updated", None)
+                        if updated is not None:
+                            _notify(updated, container)
                     log.info("container %s: metadata now available (%s)", container.name, ", ".join(meta.aliases))
 
     def stop(self) -> None:
