@@ -52,6 +52,7 @@ from pydantic import (
 )
 
 from exporter.models import ContainerStats, FilesystemStats, MachineInfo, VersionInfo
+from exporter.summary import InstantUsage, Usage
 
 if TYPE_CHECKING:
     from exporter.api.context import ApiContext
@@ -571,27 +572,9 @@ class Attributes(Shape):
     instance_type: str = "Unknown"
 
 
-class Percentiles(Shape):
-    present: bool = False
-    mean: int = 0
-    max: int = 0
-    fifty: int = 0
-    ninety: int = 0
-    ninetyfive: int = 0
-
-
-class Usage(Shape):
-    percent_complete: int = 0
-    cpu: Percentiles = Field(default_factory=Percentiles)
-    memory: Percentiles = Field(default_factory=Percentiles)
-
-
-class InstantUsage(Shape):
-    cpu: int = 0
-    memory: int = 0
-
-
 class DerivedStats(Shape):
+    """cAdvisor's v2 DerivedStats: exporter/summary.py's windows, with Go's time format."""
+
     timestamp: GoTime
     latest_usage: InstantUsage = Field(default_factory=InstantUsage)
     minute_usage: Usage = Field(default_factory=Usage)
