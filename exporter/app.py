@@ -172,6 +172,7 @@ class App:
         self.watcher = CgroupWatcher(self.roots, self.manager.create, self.manager.destroy, on_overflow=self._rescan_soon)
         self._rescan_lock = threading.Lock()
         self.rescans = 0
+        self._stopped = False
         self._usage_mark: tuple[float, float] | None = None
         self.api_context = ApiContext(
             config=config,
@@ -264,7 +265,10 @@ class App:
 
     def stop(self, deadline_s: float | None = None) -> None:
         """Stop collecting, then deliver what the sinks still hold within each sink's
-        shutdown_timeout (or ``deadline_s``); what is left stays in the spools."""
+        shutdown_timeout (or ``deadline_s``); what is left stays in the spools. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.api is not None:
             self.api.stop()
         self.watcher.stop()

@@ -506,7 +506,9 @@ class NetnsSockets:
                 raise RuntimeError(f"cannot return to the exporter's network namespace: {exc.strerror}") from None
 
     def close(self) -> None:
-        os.close(self._own)
+        if self._own >= 0:
+            os.close(self._own)
+            self._own = -1
 
 
 def fetch(
@@ -744,7 +746,10 @@ class CollectorManager:
                 self._run(job)
 
     def close(self) -> None:
+        """Stop every collector; a second call does nothing."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             jobs = [j for by_name in self._jobs.values() for j in by_name.values()]
             self._jobs.clear()
