@@ -6,6 +6,7 @@ suite is meant to run in full on CI, where `make setup` has installed everything
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -40,6 +41,21 @@ def _sweep_leftover_cgroups() -> Iterator[None]:
         removed = cg_infra.sweep_leftover_cgroups()
         if removed:
             log.warning("removed leftover test cgroups: %s", [str(p) for p in removed])
+
+
+@pytest.fixture
+def frozen_heap() -> Iterator[None]:
+    """Keep full garbage collections as short as they are in the exporter process.
+
+    ``container-exporter run`` freezes its start-up heap (``gc.freeze``), so a full collection
+    walks little. This process holds the whole suite's heap instead: late in the suite a full
+    collection stops every thread for a few hundred ms, which a test of collection cadence
+    would see as a missed tick. Freeze what exists when the test starts, as ``run`` does.
+    """
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -201,7 +201,7 @@ def test_v2_write_path_reaches_victoria_metrics(tmp_path, stores):
     assert set(found.values()) == {1}
 
 
-def test_store_paused_20s_loses_nothing_and_collection_keeps_its_cadence(tmp_path, stores):
+def test_store_paused_20s_loses_nothing_and_collection_keeps_its_cadence(tmp_path, stores, frozen_heap):
     """influxd and Kafka are stopped (SIGSTOP) for 20 s; 10 s later OpenSearch too, for 20 s.
     While one pair is frozen the other keeps receiving; nothing is lost; collection never
     slows down."""
@@ -236,10 +236,12 @@ def test_store_paused_20s_loses_nothing_and_collection_keeps_its_cadence(tmp_pat
     by_name: dict[str, list[float]] = defaultdict(list)
     for ref in refs:
         by_name[ref.name].append(ref.ts.timestamp())
+    start = min(ref.ts.timestamp() for ref in refs)
     for name, stamps in by_name.items():
         stamps.sort()
         gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-        assert max(gaps) < 0.75, (name, max(gaps))
+        worst = max(range(len(gaps)), key=gaps.__getitem__)
+        assert gaps[worst] < 0.75, f"{name}: {gaps[worst]:.3f} s between samples {stamps[worst] - start:.2f} s into the run"
     assert app.scheduler.stats.skipped_overlap == 0
     for w in app.hub.workers:
         assert w.stats.dropped == 0, w.summary()
