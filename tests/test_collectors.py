@@ -598,7 +598,7 @@ def test_labels_arriving_late_or_changing(host, scheduler, make_manager) -> None
     assert list(scheduler.jobs) == ["collector:/docker/abc:a"]
 
 
-def test_slow_endpoint_never_blocks_the_scheduler_job(host, scheduler, make_manager, pages) -> None:
+def test_slow_endpoint_never_blocks_the_scheduler_job(host, scheduler, make_manager, pages, frozen_heap) -> None:
     server = pages()
     server.pages["/metrics"] = ("text/plain", b"up 1\n")
     server.delay_s = 3.0

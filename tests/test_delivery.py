@@ -289,7 +289,7 @@ def test_bounded_queue_wakes_consumer_when_batch_is_full():
 
 
 @pytest.mark.parametrize("blocked_s", [1.0])
-def test_a_hung_store_never_blocks_submit(blocked_s):
+def test_a_hung_store_never_blocks_submit(blocked_s, frozen_heap):
     release = threading.Event()
 
     def hang(_seqs: list[int]) -> None:

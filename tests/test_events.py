@@ -266,7 +266,7 @@ def test_watch_filters_and_delivers_in_order():
         manager.watch(EventRequest(start=datetime.fromtimestamp(T0, UTC)))
 
 
-def test_stalled_watcher_is_dropped_and_never_blocks_producers():
+def test_stalled_watcher_is_dropped_and_never_blocks_producers(frozen_heap):
     manager = make_manager(watch_queue_size=100)
     stalled = manager.watch(EventRequest())  # never read
     events = [ev(manager, f"/c{i % 50}", "containerCreation", T0 + i * 0.001) for i in range(10_000)]
@@ -413,7 +413,7 @@ def read_stream(response: requests.Response, into: list[dict[str, Any]]) -> None
         pass  # closed by the test
 
 
-def test_stalled_http_client_is_dropped_producers_keep_pace(serve):
+def test_stalled_http_client_is_dropped_producers_keep_pace(serve, frozen_heap):
     manager = make_manager(FakeClock(time.time()), watch_queue_size=200)
     server = serve(events_router(manager, lambda name: None), sndbuf=32 * 1024)
     client = socket.socket()
