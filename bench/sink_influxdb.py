@@ -119,7 +119,8 @@ def measure(
     """records/s of our sink and of the raw client at one batch size.
 
     Each round sends ``records`` records both ways (fresh timestamps every time), one batch ours,
-    one batch raw, in turn, so that the server's background work falls on both alike. The rate is
+    one batch raw, in turn, the first of each pair alternating, so that the server's background
+    work falls on both alike. The rate is
     the batch size over the median time of a batch: the servers' periodic stalls (VictoriaMetrics
     flushes its buffers every second, influxd snapshots its cache and fsyncs its WAL) hit a few
     batches at random, many times longer than the rest, and would otherwise decide the ratio.
@@ -140,13 +141,14 @@ def measure(
                 lines = encoder.encode(source.take(batch_size))
                 points += len(lines)
                 bodies.append("".join(lines).encode())
-            for batch, body in zip(batches, bodies, strict=True):
-                start = time.perf_counter()
-                sink.write_batch(batch)
-                middle = time.perf_counter()
-                send_raw(body)
-                raw_s.append(time.perf_counter() - middle)
-                ours_s.append(middle - start)
+            for i, (batch, body) in enumerate(zip(batches, bodies, strict=True)):
+                # Which of the two goes first alternates: a store still busy with the last write
+                # slows the next one, and with a fixed order that would always be the same side.
+                steps = [(sink.write_batch, batch, ours_s), (send_raw, body, raw_s)]
+                for send, payload, times in steps if i % 2 == 0 else reversed(steps):
+                    start = time.perf_counter()
+                    send(payload)
+                    times.append(time.perf_counter() - start)
     finally:
         sink.close()
         close_raw()
