@@ -282,18 +282,25 @@ class App:
         self.hub.stop(deadline_s)
 
     def collect_once(self) -> list[ContainerStats]:
-        """One record per container, without scheduling anything."""
+        """One record per container, without scheduling anything: the writable layer and the
+        custom metrics endpoints, measured in the background by ``run``, are measured here."""
         records = []
         for name in sorted(scan(self.roots)):
             container = self.manager.build(name)
             if container is None:
                 continue
             try:
+                while self.layers.step():
+                    pass
+                self.collectors.container_added(container)
+                self.collectors.poll(name)
                 record, _ = container.collect()
                 records.append(record)
             except Exception as exc:  # one bad container must not lose the others' records
                 log.warning("container %s: %s", name, exc)
             finally:
+                self.collectors.container_removed(container)
+                self.layers.untrack(name)
                 container.close()
         return records
 

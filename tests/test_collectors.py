@@ -24,6 +24,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -52,7 +53,7 @@ from exporter.collectors import (
     read_in_root,
 )
 from exporter.config import Config, ConfigError
-from exporter.models import CustomMetricSpec
+from exporter.models import ContainerStats, CustomMetricSpec
 from tests.test_pipeline import wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "collectors"
@@ -848,3 +849,48 @@ def test_docker_container_endpoint_in_its_own_network_namespace(exporter_app, bu
     values = wait_for(lambda: collectors.latest(found.name), 15.0, "values from the container's own loopback")
     assert values_of(values) == {"app_queue_depth": [({}, 12.5)]}
     assert decoy.hits == 0
+
+
+@pytest.mark.root
+@pytest.mark.docker
+def test_once_scrapes_endpoints_and_measures_the_writable_layer(docker_engine, busybox_image, make_container, tmp_path) -> None:
+    """``once`` starts no background work: it scrapes and walks in its own thread, so its
+    records carry what ``run``'s records carry."""
+    port = free_port()
+    name = f"ce-test-{uuid.uuid4().hex[:8]}"
+    container = make_container(
+        busybox_image,
+        ["sh", "-c", SERVE + "&& dd if=/dev/zero of=/blob bs=1M count=4 && touch /done "
+         f"&& exec httpd -f -p 127.0.0.1:{port} -h /www"],
+        name=name,
+        network_mode="none",
+        labels={LABEL + "prometheus-app": "/etc/ce/prometheus.json"},
+        environment={
+            "METRICS": "app_queue_depth 12.5\n",
+            "STATUS": "{}",
+            "PROM_CONFIG": json.dumps({"endpoint": f"http://localhost:{port}/metrics"}),
+            "STATUS_CONFIG": "{}",
+        },
+    )
+
+    def serving() -> bool:
+        result = container.exec_run(["wget", "-q", "-O", "-", f"http://127.0.0.1:{port}/metrics"])
+        return result.exit_code == 0 and b"app_queue_depth" in result.output
+
+    wait_for(serving, 10.0, "httpd in the container")
+    config = tmp_path / "once.toml"
+    config.write_text(f'docker_only = true\ndocker_endpoint = "{docker_engine.endpoint}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "once", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [ContainerStats.model_validate_json(line) for line in result.stdout.splitlines()]
+    (mine,) = [r for r in records if name in r.container.aliases]
+    assert mine.custom_metrics is not None, result.stderr
+    assert [(v.labels, v.value) for v in mine.custom_metrics["app_queue_depth"]] == [({}, 12.5)]
+    (layer,) = mine.filesystem or []
+    upper = Path(layer.mountpoint)
+    assert upper.name == "diff" and (upper / "done").exists()
+    du = subprocess.run(["du", "-s", "-B1", "-x", str(upper)], check=True, capture_output=True, text=True)
+    assert layer.usage_bytes == int(du.stdout.split()[0]) >= 4 * 1024 * 1024
