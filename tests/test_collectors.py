@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from exporter.collectors import (
 )
 from exporter.config import Config, ConfigError
 from exporter.models import ContainerStats, CustomMetricSpec
+from tests.infra.procs import free_port
 from tests.test_pipeline import wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "collectors"
@@ -137,12 +137,6 @@ def pages() -> Iterator[Callable[..., Pages]]:
     for server in started:
         if server.socket.fileno() >= 0:
             server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- a proc tree of our own ---------------------------------------------------------------------------

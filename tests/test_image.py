@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import docker.errors
 import pytest
 
 from tests.infra.docker import run_container
+from tests.infra.procs import free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 
@@ -30,12 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_TAG = "container-exporter-test/base:bookworm"
 IMAGE_TAG = "container-exporter-test/exporter:latest"
 MIRROR = "http://deb.debian.org/debian"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_image(client: docker.DockerClient) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +46,7 @@ from tests.infra.opensearch import (
     ScriptedHttpServer,
     make_certificate,
 )
+from tests.infra.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_LABELS = {
@@ -177,12 +177,6 @@ def make_sink() -> Iterator[Callable[..., ElasticsearchSink]]:
     yield factory
     for sink in sinks:
         sink.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- delivery to a real server -------------------------------------------------------------------
@@ -635,7 +629,7 @@ def test_legacy_templates_when_the_server_has_no_composable_ones(make_sink) -> N
 def test_unreachable_host_is_reported_quickly(make_sink, host_records, where: str) -> None:
     # .invalid never resolves (RFC 6761). Name resolution is not bounded by the timeout (it
     # happens in getaddrinfo, before the socket); this machine's resolver answers at once.
-    url = f"http://127.0.0.1:{closed_port()}" if where == "refused" else "http://no-such-node.invalid:9200"
+    url = f"http://127.0.0.1:{free_port()}" if where == "refused" else "http://no-such-node.invalid:9200"
     sink = make_sink(url, timeout=2)
     started = time.monotonic()
     with pytest.raises(SinkError) as opened:
@@ -650,7 +644,7 @@ def test_unreachable_host_is_reported_quickly(make_sink, host_records, where: st
 
 
 def test_a_second_host_takes_over_from_a_dead_one(opensearch_server: OpenSearchServer, make_sink, prefix, host_records) -> None:
-    sink = make_sink(f"http://127.0.0.1:{closed_port()}", prefix, hosts=[f"http://127.0.0.1:{closed_port()}", opensearch_server.url])
+    sink = make_sink(f"http://127.0.0.1:{free_port()}", prefix, hosts=[f"http://127.0.0.1:{free_port()}", opensearch_server.url])
     sink.open()
     sink.write_batch(copies(host_records, 10))
     assert opensearch_server.count(f"{prefix}-stats-*") == 10

