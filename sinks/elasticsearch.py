@@ -279,6 +279,7 @@ class ElasticsearchSink:
         self._op = b"create" if settings.data_stream else b"index"
         self._stats = _IndexNamer(settings.index, settings.data_stream)
         self._events = _IndexNamer(settings.events_index, settings.data_stream)
+        self._dedot = _Dedotter()
         self._client: Elasticsearch = self._make_client()
         self._closed = False
 
@@ -376,7 +377,7 @@ class ElasticsearchSink:
         sent: list[int] = []
         unsendable: dict[int, str] = {}
         op = self._op
-        dedot = self.settings.dedot_labels
+        dedot = self._dedot if self.settings.dedot_labels else None
         for i, record in enumerate(records):
             ts = getattr(record, "timestamp", None)
             if not isinstance(ts, datetime):
@@ -394,8 +395,8 @@ class ElasticsearchSink:
                 # re-send idempotent all the same.
                 record_id = hashlib.blake2b(source, digest_size=16).hexdigest()
             container = getattr(record, "container", None)
-            if dedot and isinstance(container, ContainerReference) and any("." in k for k in container.labels):
-                source = _dedotted_json(record, container)
+            if dedot is not None and isinstance(container, ContainerReference):
+                source = dedot(source, container)
             # The action line, then the source with @timestamp spliced in after its "{".
             parts.append(b'{"%s":{"_index":%s,"_id":%s}}\n{"@timestamp":"%s",' % (
                 op, namer.index_json(ts), json.dumps(record_id).encode(), ts.isoformat().encode(),
@@ -527,10 +528,36 @@ def _lacks_composable_templates(exc: Any) -> bool:
     return status in (404, 405) or (status == 400 and ("invalid_index_name_exception" in text or "no handler found" in text))
 
 
-def _dedotted_json(record: Envelope, container: ContainerReference) -> bytes:
-    labels = {k.replace(".", "_"): v for k, v in container.labels.items()}
-    copy = record.model_copy(update={"container": container.model_copy(update={"labels": labels})})
-    return type(record).__pydantic_serializer__.to_json(copy)
+class _Dedotter:
+    """A record's JSON with '.' in its container's label names replaced by '_'.
+
+    The container reference's JSON is swapped for its dedotted twin, made once per reference: a
+    container's records share one reference object (exporter/manager.py replaces it when the
+    metadata changes, never edits it), and the entry keeps it alive, so its id is not reused.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._by_ref: dict[int, tuple[ContainerReference, tuple[bytes, bytes] | None]] = {}
+
+    def __call__(self, source: bytes, container: ContainerReference) -> bytes:
+        entry = self._by_ref.get(id(container))
+        if entry is None or entry[0] is not container:
+            if len(self._by_ref) >= self.limit:
+                self._by_ref.clear()
+            entry = self._by_ref[id(container)] = (container, _swap(container))
+        swap = entry[1]
+        # '"container":{' cannot occur inside a JSON string (its quotes would be escaped), so the
+        # first match is the reference itself.
+        return source if swap is None else source.replace(swap[0], swap[1], 1)
+
+
+def _swap(container: ContainerReference) -> tuple[bytes, bytes] | None:
+    if not any("." in k for k in container.labels):
+        return None
+    dedotted = container.model_copy(update={"labels": {k.replace(".", "_"): v for k, v in container.labels.items()}})
+    to_json = ContainerReference.__pydantic_serializer__.to_json
+    return b'"container":' + to_json(container), b'"container":' + to_json(dedotted)
 
 
 def _unsendable_message(unsendable: dict[int, str], total: int) -> str:
