@@ -32,12 +32,6 @@ RECORD_TYPES: dict[bytes, type[Envelope]] = {b"s": ContainerStats, b"e": Event}
 _TYPE_TAGS: dict[type[Envelope], bytes] = {cls: tag for tag, cls in RECORD_TYPES.items()}
 
 
-def register_record_type(tag: bytes, cls: type[Envelope]) -> None:
-    """Let the spool carry another record type (events)."""
-    RECORD_TYPES[tag] = cls
-    _TYPE_TAGS[cls] = tag
-
-
 def encode(record: Envelope) -> bytes:
     return _TYPE_TAGS[type(record)] + record.json_bytes()
 
@@ -72,14 +66,12 @@ class SinkStats:
     replayed: int = 0  # records delivered from the spool
     batches: int = 0
     last_success: float | None = None  # wall time
-    last_batch_latency_s: float | None = None
     batch_latency_sum_s: float = 0.0
     last_error: str | None = None
     queue_depth: int = 0
     queue_capacity: int = 0
     spool_pending: int = 0
     spool_bytes: int = 0
-    degraded: bool = False
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     errors_by_category: dict[str, int] = field(default_factory=dict)
 
@@ -123,10 +115,6 @@ class BoundedQueue:
             items = list(self._items)
             self._items.clear()
             return items
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -291,7 +279,6 @@ class SinkWorker:
         self.stats.sent += len(records)
         self.stats.batches += 1
         self.stats.last_success = time.time()
-        self.stats.last_batch_latency_s = latency
         self.stats.batch_latency_sum_s += latency
         self._recovered()
         return None
@@ -429,7 +416,6 @@ class SinkWorker:
     def _refresh_stats(self) -> None:
         s = self.stats
         s.queue_depth = len(self.queue)
-        s.degraded = self.degraded
         if self.spool is not None:
             s.spool_pending = len(self.spool)
             s.spool_bytes = self.spool.pending_bytes

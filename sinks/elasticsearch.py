@@ -36,14 +36,13 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from exporter.durations import StrList
 from exporter.models import SCHEMA_VERSION, ContainerReference, ContainerStats, Envelope
-from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError
+from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError, retry_after_seconds
 from sinks.settings import DeliverySettings
 
 if TYPE_CHECKING:
@@ -206,23 +205,6 @@ def events_mappings() -> dict[str, Any]:
 
 COMPAT_HINT = 'the server is OpenSearch: set compatibility = "opensearch" in [sinks.elasticsearch]'
 RETRYABLE_ITEM_STATUSES = frozenset({401, 403, 404, 408, 429})
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 def _reason(error: Any) -> str:

@@ -51,13 +51,11 @@ point overwrites itself with the same values. (VictoriaMetrics keeps repeats unl
 from __future__ import annotations
 
 import base64
-import email.utils
 import json
 import logging
 import math
 import operator
 import re
-import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -69,7 +67,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from exporter.durations import StrList
 from exporter.models import ContainerReference, ContainerStats, Envelope
-from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError
+from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError, retry_after_seconds
 from sinks.settings import DeliverySettings
 
 log = logging.getLogger(__name__)
@@ -381,16 +379,11 @@ class LineEncoder:
     # -- default layout ------------------------------------------------------------------------
     def _default_lines(self, r: ContainerStats, out: list[str]) -> None:
         tags = self._common_tags(r)
-        ts = r.timestamp
-        if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=UTC)
         rid = r.record_id
         rid = f'"{rid}"' if rid.isalnum() else string_field(rid)  # our ids are hex
         ref_id = r.container.id
-        if ref_id and not self.id_as_tag:
-            end = f",seq={r.seq}i,record_id={rid},container_id={string_field(ref_id)} {(ts - _EPOCH) // _US * 1000}\n"
-        else:
-            end = f",seq={r.seq}i,record_id={rid} {(ts - _EPOCH) // _US * 1000}\n"
+        cid = f",container_id={string_field(ref_id)}" if ref_id and not self.id_as_tag else ""
+        end = f",seq={r.seq}i,record_id={rid}{cid} {timestamp_ns(r.timestamp)}\n"
         append = out.append
 
         cpu = r.cpu
@@ -559,24 +552,6 @@ class LineEncoder:
 
 
 # -- errors ----------------------------------------------------------------------------------------
-
-
-def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
-    """A Retry-After header (seconds or an HTTP date) → seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _server_message(body: bytes | str | None) -> str:

@@ -30,7 +30,7 @@ class StdoutSettings(DeliverySettings):
 
 
 def encode(records: Sequence[BaseModel]) -> bytes:
-    lines = [r.json_bytes() if isinstance(r, Envelope) else json_bytes(r) for r in records]
+    lines = [json_bytes(r) for r in records]
     lines.append(b"")  # the last newline, without copying the whole batch once more
     return b"\n".join(lines)
 

@@ -10,7 +10,10 @@ retryable :class:`SinkError`.
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import Sequence
+from datetime import UTC
 from typing import Protocol
 
 from exporter.models import Envelope
@@ -76,3 +79,21 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) → seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

@@ -33,11 +33,10 @@ from sinks.elasticsearch import (
     ElasticsearchSettings,
     ElasticsearchSink,
     events_mappings,
-    retry_after_seconds,
     stats_mappings,
     template_pattern,
 )
-from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError
+from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError, retry_after_seconds
 from tests.infra.opensearch import (
     ELASTICSEARCH_INFO,
     OpenSearchServer,
