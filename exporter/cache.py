@@ -24,8 +24,8 @@ class TimedStore:
     __slots__ = ("_items", "max_age_s", "max_items", "_dict")
 
     def __init__(self, max_age_s: float, max_items: int) -> None:
-        # (timestamp, compressed JSON, the dictionary it was compressed with)
-        self._items: deque[tuple[float, bytes, bytes]] = deque()
+        # (timestamp, JSON compressed with _dict: the store's first record)
+        self._items: deque[tuple[float, bytes]] = deque()
         self.max_age_s = max_age_s
         self.max_items = max_items
         self._dict: bytes | None = None
@@ -33,7 +33,7 @@ class TimedStore:
     def add(self, ts: float, payload: bytes, now: float) -> None:
         if self._dict is None:
             self._dict = payload
-        packed = (ts, lz4.block.compress(payload, dict=self._dict), self._dict)
+        packed = (ts, lz4.block.compress(payload, dict=self._dict))
         items = self._items
         if items and ts < items[-1][0]:
             # Out of order (a clock step back): keep the store sorted.
@@ -58,10 +58,10 @@ class TimedStore:
 
     def get(self, start: float | None = None, end: float | None = None, count: int | None = None) -> list[bytes]:
         """JSON of the records with start <= ts <= end, the newest ``count`` of them, oldest first."""
-        selected = [(data, d) for ts, data, d in self._items if (start is None or ts >= start) and (end is None or ts <= end)]
+        selected = [data for ts, data in self._items if (start is None or ts >= start) and (end is None or ts <= end)]
         if count is not None:
             selected = selected[-count:] if count > 0 else []
-        return [lz4.block.decompress(data, dict=d) for data, d in selected]
+        return [lz4.block.decompress(data, dict=self._dict) for data in selected]
 
 
 Consumer = Callable[[ContainerStats], None]

@@ -94,7 +94,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     app = App(config, with_sinks=False, with_api=False)
     out = sys.stdout.buffer
     for record in app.collect_once():
-        out.write(record.__pydantic_serializer__.to_json(record) + b"\n")
+        out.write(record.json_bytes() + b"\n")
     out.flush()
     return EXIT_OK
 

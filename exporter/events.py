@@ -261,11 +261,7 @@ class Watch:
         """The next event; None after ``timeout`` s without one. Raises WatchClosed."""
         with self._cond:
             self._cond.wait_for(lambda: self._items or self.closed, timeout)
-            if self._items:
-                return self._items.popleft()
-            if self.closed:
-                raise WatchClosed("dropped: the client did not keep up" if self.dropped else "closed")
-            return None
+            return self._take()
 
     async def aget(self, timeout: float) -> Event | None:
         """:meth:`get` for an event loop: waits without holding a thread."""
@@ -283,30 +279,24 @@ class Watch:
                 self._wake = wake
         ready = self._async_ready
         with self._cond:
-            if self._items:
-                return self._items.popleft()
-            if self.closed:
-                raise WatchClosed("dropped: the client did not keep up" if self.dropped else "closed")
+            event = self._take()
+            if event is not None:
+                return event
             ready.clear()
         try:
             await asyncio.wait_for(ready.wait(), timeout)
         except TimeoutError:
             return None
         with self._cond:
-            if self._items:
-                return self._items.popleft()
-            if self.closed:
-                raise WatchClosed("dropped: the client did not keep up" if self.dropped else "closed")
-            return None
+            return self._take()
 
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            try:
-                event = self.get(1.0)
-            except WatchClosed:
-                return
-            if event is not None:
-                yield event
+    def _take(self) -> Event | None:
+        """With the lock held: the next event, None when there is none yet; raises WatchClosed."""
+        if self._items:
+            return self._items.popleft()
+        if self.closed:
+            raise WatchClosed("dropped: the client did not keep up" if self.dropped else "closed")
+        return None
 
     def close(self) -> None:
         with self._cond:
@@ -316,9 +306,6 @@ class Watch:
         if wake is not None:
             wake()
         self._on_close(self)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 # -- the manager ----------------------------------------------------------------------------------

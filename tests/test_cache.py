@@ -71,7 +71,7 @@ def test_history_round_trips_exactly_and_compactly():
     assert got == sent
     assert cache.latest("/test") is sent[-1]
     store = cache._stores["/test"]
-    packed = sum(len(data) for _, data, _ in store._items)
+    packed = sum(len(data) for _, data in store._items)
     raw = sum(len(r.json_bytes()) for r in sent)
     assert packed < raw / 4
 
