@@ -95,8 +95,9 @@ class App:
         self.proc = ProcReader(config.proc_root)
         self.docker = docker_factory(config)
         docker_version = self.docker.version if self.docker and self.docker.client() else None
+        mounts = machine_filesystems(read_mounts(config.proc_root, "1") or read_mounts(config.proc_root) or [])
         self.machine_info: MachineInfo = read_machine_info(
-            config.proc_root, config.sys_root, config.rootfs / "etc"
+            config.proc_root, config.sys_root, config.rootfs / "etc", filesystems=mounts
         )
         self.machine_info.cgroup_mode = self.layout.mode
         self.version_info: VersionInfo = read_version_info(
@@ -115,7 +116,6 @@ class App:
         )
         self.scheduler = Scheduler(config.housekeeping_workers)
         self.layers = WritableLayerUsage(config.writable_layer_interval)
-        mounts = machine_filesystems(read_mounts(config.proc_root, "1") or read_mounts(config.proc_root) or [])
         fs_failures: dict[str, int] = {}
         factories: list[Factory] = []
         if self.docker is not None:
@@ -154,12 +154,8 @@ class App:
             custom_metrics=self.collectors,
         )
         self.manager.listeners.append(self.collectors)
-        try:
-            policy = parse_storage_policy(config.event_storage_age_limit, config.event_storage_event_limit)
-        except ValueError as exc:
-            raise ConfigError([str(exc)]) from None
         self.events = EventManager(
-            policy,
+            parse_storage_policy(config.event_storage_age_limit, config.event_storage_event_limit),
             self.identity,
             self.clock,
             sink=self.hub.submit if self.hub.workers else None,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from exporter.cgroups.reader import METRIC_KINDS
 from exporter.durations import Duration, StrList
@@ -90,24 +90,14 @@ class Config(BaseModel):
             raise ValueError("a storage driver is listed twice")
         return value
 
-    @field_validator("event_storage_age_limit")
+    @field_validator("event_storage_age_limit", "event_storage_event_limit")
     @classmethod
-    def _event_ages(cls, value: str) -> str:
+    def _event_policy(cls, value: str, info: ValidationInfo) -> str:
         from exporter.events import parse_storage_policy
 
+        ages, counts = (value, "") if info.field_name == "event_storage_age_limit" else ("", value)
         try:
-            parse_storage_policy(value, "")
-        except ValueError as exc:
-            raise ValueError(str(exc).split(": ", 1)[-1]) from None
-        return value
-
-    @field_validator("event_storage_event_limit")
-    @classmethod
-    def _event_counts(cls, value: str) -> str:
-        from exporter.events import parse_storage_policy
-
-        try:
-            parse_storage_policy("", value)
+            parse_storage_policy(ages, counts)
         except ValueError as exc:
             raise ValueError(str(exc).split(": ", 1)[-1]) from None
         return value

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import exporter
-from exporter.fs import filesystem_info, machine_filesystems, read_mounts
+from exporter.fs import Mount, filesystem_info, machine_filesystems, read_mounts
 from exporter.models import MachineInfo, NetworkDevice, VersionInfo
 
 log = logging.getLogger(__name__)
@@ -225,11 +225,12 @@ def read_machine_info(
     hostname: str | None = None,
     now: datetime | None = None,
     rootfs: Path | None = None,
+    filesystems: list[Mount] | None = None,
 ) -> MachineInfo:
     """Everything MachineInfo holds but cgroup_mode (the caller knows the layout).
 
-    Filesystems come from the mount table of pid 1 under proc_root (the host's when proc_root is
-    the host's /proc), measured under rootfs.
+    Filesystems: ``filesystems`` when the caller has read them, else those of the mount table of
+    pid 1 under proc_root (the host's when proc_root is the host's /proc); measured under rootfs.
     """
     root = etc_root.parent if rootfs is None else rootfs
     cpuinfo = parse_cpuinfo(_read_text(proc_root / "cpuinfo") or "")
@@ -250,7 +251,8 @@ def read_machine_info(
         # sysinfo(2)'s totalram, the number MemTotal shows.
         memory_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
-    mounts = read_mounts(proc_root, "1") or read_mounts(proc_root, "self") or []
+    if filesystems is None:
+        filesystems = machine_filesystems(read_mounts(proc_root, "1") or read_mounts(proc_root, "self") or [])
     product_uuid = _read_text(sys_root / "class/dmi/id/product_uuid")
     return MachineInfo(
         timestamp=now or datetime.now(UTC),
@@ -264,7 +266,7 @@ def read_machine_info(
         system_uuid=product_uuid or None,
         boot_id=_read_text(proc_root / "sys/kernel/random/boot_id") or None,
         hostname=hostname or socket.gethostname(),
-        filesystems=filesystem_info(machine_filesystems(mounts), root),
+        filesystems=filesystem_info(filesystems, root),
         network_devices=read_network_devices(sys_root),
     )
 
