@@ -1,8 +1,9 @@
-"""Setting types: Go-style durations ("1s", "2m30s", "500ms") and comma-separated lists."""
+"""Setting types: Go-style durations ("1s", "2m30s", "500ms") and comma-separated lists; RFC 3339 times."""
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import BeforeValidator
@@ -56,3 +57,12 @@ def _split_list(value: object) -> object:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 StrList = Annotated[list[str], BeforeValidator(_split_list)]
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 time as Docker and Go write it: nanoseconds (Python takes at most
+    microseconds) and "Z" or "z" for UTC. Raises ValueError."""
+    return datetime.fromisoformat(_FRACTION.sub(r"\1", text).replace("Z", "+00:00").replace("z", "+00:00"))

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from exporter.clock import Clock
-from exporter.durations import parse_duration
+from exporter.durations import parse_duration, parse_rfc3339
 from exporter.models import EVENT_TYPES, ContainerReference, Event, EventData
 
 if TYPE_CHECKING:
@@ -570,7 +570,6 @@ _TYPE_PARAMS = {
 }
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
-_FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -589,7 +588,7 @@ def _parse_time(name: str, value: str) -> datetime:
     # An unescaped "+02:00" in a query string arrives as " 02:00".
     text = _SPACED_OFFSET.sub(r"+\1", value.strip())
     try:
-        ts = datetime.fromisoformat(_FRACTION.sub(r"\1", text).replace("Z", "+00:00").replace("z", "+00:00"))
+        ts = parse_rfc3339(text)
     except ValueError:
         ts = None
     if ts is None or ts.tzinfo is None or "T" not in value.upper():

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from exporter.discovery.factories import ContainerMeta, Decision
+from exporter.durations import parse_rfc3339
 
 log = logging.getLogger(__name__)
 
 # cgroupfs driver: /docker/<id> (or any --cgroup-parent); systemd driver: docker-<id>.scope.
 _DOCKER_CGROUP = re.compile(r"/(?:docker-)?([0-9a-f]{64})(?:\.scope)?$")
-_FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
 def parse_docker_time(text: str | None) -> datetime | None:
@@ -24,7 +24,7 @@ def parse_docker_time(text: str | None) -> datetime | None:
     if not text or text.startswith("0001-01-01"):
         return None
     try:
-        return datetime.fromisoformat(_FRACTION.sub(r"\1", text).replace("Z", "+00:00"))
+        return parse_rfc3339(text)
     except ValueError:
         return None
 
