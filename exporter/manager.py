@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from exporter.cache import InMemoryCache
 from exporter.cgroups.files import ContainerGone, MalformedFile
-from exporter.cgroups.layout import CgroupLayout
+from exporter.cgroups.layout import CgroupLayout, join
 from exporter.cgroups.procs import ProcReader
 from exporter.cgroups.reader import ContainerReader, DeviceNames
 from exporter.clock import Clock
@@ -341,7 +341,7 @@ class Manager:
                 del self._aliases[(namespace, alias)]
 
     def _gone(self, name: str) -> bool:
-        return not any((root / name.lstrip("/")).is_dir() for root in self.layout.discovery_roots())
+        return not any(join(root, name).is_dir() for root in self.layout.discovery_roots())
 
     def _tick(self, container: Container) -> bool:
         started = time.perf_counter()

@@ -149,6 +149,33 @@ class ReopeningFile:
         pass
 
 
+class OpenFiles:
+    """What the v1 and v2 readers share: their kept-open files are their CgroupFile attributes."""
+
+    pids_current: CgroupFile | None
+    tasks: CgroupFile | None
+
+    def files(self) -> list[CgroupFile]:
+        return [v for v in vars(self).values() if isinstance(v, CgroupFile)]
+
+    def close(self) -> None:
+        for file in self.files():
+            file.close()
+
+    def pids(self) -> int | None:
+        return parse_int(self.pids_current.read(), self.pids_current.path) if self.pids_current else None
+
+    def threads(self) -> bytes | None:
+        return self.tasks.read() if self.tasks else None
+
+
+def working_set_bytes(usage: int | None, inactive_file: int | None) -> int | None:
+    """usage − inactive_file, never below 0 (cAdvisor's working set); usage when inactive_file is unknown."""
+    if usage is None:
+        return None
+    return max(usage - inactive_file, 0) if inactive_file is not None else usage
+
+
 def parse_int(data: bytes, path: str | Path = "?") -> int | None:
     """A single integer; ``max`` (v2) and v1's huge "unlimited" values give None."""
     text = data.strip()

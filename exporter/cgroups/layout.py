@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 # Controllers whose files we read; a v1 hierarchy is recognised by the files it holds, so a
@@ -32,13 +33,18 @@ class CgroupLayout:
 
     def discovery_roots(self) -> list[Path]:
         """Hierarchies whose directory trees define the set of containers."""
+        return list(self._discovery_roots)
+
+    @cached_property
+    def _discovery_roots(self) -> tuple[Path, ...]:
+        # Asked on every container's creation and removal; realpath costs an lstat per part.
         if self.mode == "v2":
             assert self.unified is not None
-            return [self.unified]
+            return (self.unified,)
         seen: dict[str, Path] = {}
         for path in self.v1.values():
             seen.setdefault(os.path.realpath(path), path)
-        return list(seen.values())
+        return tuple(seen.values())
 
     def v1_path(self, controller: str, name: str) -> Path | None:
         base = self.v1.get(controller)

@@ -85,14 +85,11 @@ class ContainerReader:
         self._on_malformed = on_malformed
         self.cgroup, self._psi = self._open_files()
         if not self.cgroup.dirs:
-            self.cgroup.close()
-            for _, file in self._psi:
-                file.close()
+            _close_files(self.cgroup, self._psi)
             raise ContainerGone(name)
-        self._dir_inodes = [(d, os.stat(d).st_ino) for d in self.cgroup.dirs]
+        self._track_dirs()
         # A runtime creates a container's directory in one hierarchy after another, and we may
         # be told about the first one: look again for the others during the first reads.
-        self._missing = [d for d in self._hierarchy_dirs() if not d.is_dir()]
         self._settle_reads = self.SETTLE_READS if self._missing else 0
         self.is_root = name == "/"
         self._net: NetDevReader | None = None
@@ -100,7 +97,7 @@ class ContainerReader:
             # The root container is the host: its traffic is the host's. Any other container
             # sharing the host's namespace has no traffic of its own.
             self._net = NetDevReader(proc, None if self.is_root else host_netns)
-        self._load = LoadAverage() if "cpuLoad" in metrics else None
+        self._load = LoadAverage() if "cpuLoad" in metrics and "cpu" in metrics else None
         self._percpu = "percpu" in metrics
 
     SETTLE_READS = 10
@@ -110,6 +107,10 @@ class ContainerReader:
         if self.layout.mode == "hybrid" and self.layout.unified is not None and "pressure" in self.metrics:
             dirs.append(join(self.layout.unified, self.name))
         return dirs
+
+    def _track_dirs(self) -> None:
+        self._dir_inodes = [(d, os.stat(d).st_ino) for d in self.cgroup.dirs]
+        self._missing = [d for d in self._hierarchy_dirs() if not d.is_dir()]
 
     def _open_files(self) -> tuple[v1.V1Reader | v2.V2Reader, list[tuple[str, CgroupFile | ReopeningFile]]]:
         layout, name = self.layout, self.name
@@ -129,18 +130,13 @@ class ContainerReader:
             return
         old_cgroup, old_psi = self.cgroup, self._psi
         self.cgroup, self._psi = self._open_files()
-        old_cgroup.close()
-        for _, file in old_psi:
-            file.close()
-        self._dir_inodes = [(d, os.stat(d).st_ino) for d in self.cgroup.dirs]
-        self._missing = [d for d in self._hierarchy_dirs() if not d.is_dir()]
+        _close_files(old_cgroup, old_psi)
+        self._track_dirs()
         if not self._missing:
             self._settle_reads = 0
 
     def close(self) -> None:
-        self.cgroup.close()
-        for _, file in self._psi:
-            file.close()
+        _close_files(self.cgroup, self._psi)
         if self._net is not None:
             self._net.close()
 
@@ -253,6 +249,12 @@ class ContainerReader:
 
     def _pressure(self) -> dict[str, Any]:
         return {kind: parse_pressure(file.read(), file.path) for kind, file in self._psi}
+
+
+def _close_files(cgroup: v1.V1Reader | v2.V2Reader, psi: list[tuple[str, CgroupFile | ReopeningFile]]) -> None:
+    cgroup.close()
+    for _, file in psi:
+        file.close()
 
 
 _SECTIONS: dict[str, TypeAdapter[Any]] = {

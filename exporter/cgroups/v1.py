@@ -10,11 +10,13 @@ from typing import Any
 from exporter.cgroups.files import (
     CgroupFile,
     MalformedFile,
+    OpenFiles,
     int_value,
     parse_flat,
     parse_int,
     parse_int_list,
     read_bytes,
+    working_set_bytes,
 )
 from exporter.cgroups.layout import CgroupLayout
 from exporter.models import CpuSpec, MemorySpec
@@ -44,7 +46,7 @@ def parse_blkio(data: bytes, path: str = "?") -> dict[tuple[int, int], tuple[int
     return out
 
 
-class V1Reader:
+class V1Reader(OpenFiles):
     """Reads one container's v1 controller files through descriptors kept open."""
 
     def __init__(self, layout: CgroupLayout, name: str) -> None:
@@ -88,13 +90,6 @@ class V1Reader:
             if b is not None:
                 return b, f("blkio", ops_name)
         return None, None
-
-    def files(self) -> list[CgroupFile]:
-        return [v for v in vars(self).values() if isinstance(v, CgroupFile)]
-
-    def close(self) -> None:
-        for file in self.files():
-            file.close()
 
     def cpu(self, percpu: bool) -> dict[str, Any] | None:
         """Fields of :class:`CpuStats`."""
@@ -140,9 +135,7 @@ class V1Reader:
                 return None
 
         inactive_file = value(b"inactive_file")
-        working_set = None
-        if usage is not None:
-            working_set = max(usage - inactive_file, 0) if inactive_file is not None else usage
+        working_set = working_set_bytes(usage, inactive_file)
         events = None
         if self.mem_oom_control is not None:
             oom = parse_flat(self.mem_oom_control.read(), self.mem_oom_control.path)
@@ -175,12 +168,6 @@ class V1Reader:
             ro, wo = by_ops.get(key, (0, 0))
             out[key] = (rb, wb, ro, wo)
         return out
-
-    def pids(self) -> int | None:
-        return parse_int(self.pids_current.read(), self.pids_current.path) if self.pids_current else None
-
-    def threads(self) -> bytes | None:
-        return self.tasks.read() if self.tasks else None
 
 
 def _read_int(path: Path | None) -> int | None:

@@ -8,10 +8,12 @@ from typing import Any
 from exporter.cgroups.files import (
     CgroupFile,
     MalformedFile,
+    OpenFiles,
     int_value,
     parse_flat,
     parse_int,
     read_bytes,
+    working_set_bytes,
 )
 from exporter.cgroups.layout import CgroupLayout, join
 from exporter.models import CpuSpec, MemorySpec
@@ -70,7 +72,7 @@ def weight_to_shares(weight: int) -> int:
     return 2 + ((weight - 1) * 262142) // 9999
 
 
-class V2Reader:
+class V2Reader(OpenFiles):
     """Reads one container's unified-hierarchy files through descriptors kept open."""
 
     def __init__(self, layout: CgroupLayout, name: str) -> None:
@@ -92,13 +94,6 @@ class V2Reader:
         self.pids_current = f("pids.current")
         self.procs = f("cgroup.procs")
         self.tasks = f("cgroup.threads")
-
-    def files(self) -> list[CgroupFile]:
-        return [v for v in vars(self).values() if isinstance(v, CgroupFile)]
-
-    def close(self) -> None:
-        for file in self.files():
-            file.close()
 
     def cpu(self, percpu: bool) -> dict[str, Any] | None:
         """Fields of :class:`CpuStats`; v2 has no per-cpu figures."""
@@ -132,9 +127,7 @@ class V2Reader:
             path = self.mem_stat.path
             stat = parse_flat(self.mem_stat.read(), path)
         inactive_file = int_value(stat, b"inactive_file", path)
-        working_set = None
-        if usage is not None:
-            working_set = max(usage - inactive_file, 0) if inactive_file is not None else usage
+        working_set = working_set_bytes(usage, inactive_file)
         events = None
         if self.mem_events is not None:
             epath = self.mem_events.path
@@ -158,12 +151,6 @@ class V2Reader:
         if self.io_stat is None:
             return None
         return parse_io_stat(self.io_stat.read(), self.io_stat.path)
-
-    def pids(self) -> int | None:
-        return parse_int(self.pids_current.read(), self.pids_current.path) if self.pids_current else None
-
-    def threads(self) -> bytes | None:
-        return self.tasks.read() if self.tasks else None
 
 
 def _read(path: Path) -> bytes | None:
