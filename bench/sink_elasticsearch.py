@@ -36,14 +36,9 @@ from elasticsearch.helpers import streaming_bulk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.app import App  # noqa: E402
-from exporter.config import Config  # noqa: E402
 from exporter.models import ContainerStats  # noqa: E402
 from sinks.elasticsearch import ElasticsearchSettings, ElasticsearchSink, stats_mappings  # noqa: E402
-
-
-def host_records() -> list[ContainerStats]:
-    return App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"})).collect_once()
+from tests.records import collect_host_records  # noqa: E402
 
 
 def make_batch(base: list[ContainerStats], n: int) -> list[ContainerStats]:
@@ -69,7 +64,7 @@ def raw_body(records: list[ContainerStats], index: str) -> bytes:
 
 def run(url: str, sizes: tuple[int, ...] = (100, 1000, 5000), rounds: int = 3, compatibility: str = "opensearch") -> list[dict[str, float]]:
     """Rows of {size, ours_rps, raw_rps, ratio, ours_cpu_us, raw_cpu_us} for a server at ``url``."""
-    base = host_records()
+    base = collect_host_records()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     sink = ElasticsearchSink(
         ElasticsearchSettings(

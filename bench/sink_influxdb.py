@@ -34,10 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.app import App  # noqa: E402
-from exporter.config import Config  # noqa: E402
 from exporter.models import ContainerStats  # noqa: E402
 from sinks.influxdb import InfluxDBSettings, InfluxDBSink, LineEncoder  # noqa: E402
+from tests.records import collect_host_records  # noqa: E402
 
 
 @dataclass
@@ -52,11 +51,6 @@ class Result:
     @property
     def ratio(self) -> float:
         return self.ours_rps / self.raw_rps if self.raw_rps else float("nan")
-
-
-def host_records() -> list[ContainerStats]:
-    app = App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"}))
-    return app.collect_once()
 
 
 class RecordSource:
@@ -174,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tests.infra.influx import Servers
 
-    base = host_records()
+    base = collect_host_records()
     print(f"{len(base)} real records per sample on this host; gzip {'off' if args.no_gzip else 'on'}; layout {args.layout}")
     with Servers() as servers:
         influxd = servers.influxdb_v1()

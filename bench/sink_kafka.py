@@ -33,17 +33,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.app import App  # noqa: E402
-from exporter.config import Config  # noqa: E402
 from exporter.models import ContainerStats  # noqa: E402
 from sinks.kafka import KafkaSettings, KafkaSink  # noqa: E402
 from tests.infra.kafka import Brokers, KafkaBroker  # noqa: E402
+from tests.records import collect_host_records  # noqa: E402
 
 
 def host_samples(n: int) -> list[ContainerStats]:
     """``n`` real records: this host's cgroup samples, copied with distinct seq/timestamp/record_id."""
-    app = App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"}))
-    base = app.collect_once()
+    base = collect_host_records()
     out: list[ContainerStats] = []
     k = 0
     while len(out) < n:

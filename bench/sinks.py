@@ -21,10 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.app import App  # noqa: E402
-from exporter.config import Config  # noqa: E402
 from exporter.models import ContainerStats  # noqa: E402
 from sinks.jsonl import JsonlSettings, JsonlSink  # noqa: E402
+from tests.records import collect_host_records  # noqa: E402
 
 SCRIPTS = {
     "influxdb": "bench/sink_influxdb.py",
@@ -34,7 +33,7 @@ SCRIPTS = {
 
 
 def jsonl(sizes: list[int], total: int = 50_000) -> None:
-    base = App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"})).collect_once()
+    base = collect_host_records()
     records: list[ContainerStats] = []
     while len(records) < total:
         for r in base:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml  # type: ignore[import-untyped]
 
-from exporter.app import App
-from exporter.config import Config, load_config
+from exporter.config import load_config
 from exporter.models import Event
 from sinks.influxdb import InfluxDBSettings, LineEncoder
+from tests.records import collect_host_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_dashboard_queries_name_what_the_influxdb_sink_writes():
             wanted.add((measurement, field))
     assert {m for m, _ in wanted} >= {"container_cpu", "container_memory", "container_network", "container_diskio", "container_events"}
     # What the sink really writes for this host's records and an OOM event.
-    records = App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"})).collect_once()
+    records = collect_host_records()
     event = Event(
         record_id="e1", machine_id="m", hostname="h", container_name="/x", timestamp=datetime.now(UTC), event_type="oomKill"
     )

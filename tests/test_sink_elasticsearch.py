@@ -26,8 +26,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from exporter.app import App
-from exporter.config import Config
 from exporter.models import ContainerReference, ContainerStats, CpuStats, Envelope
 from sinks.elasticsearch import (
     ElasticsearchSettings,
@@ -46,6 +44,7 @@ from tests.infra.opensearch import (
     make_certificate,
 )
 from tests.infra.procs import free_port
+from tests.records import collect_host_records
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_LABELS = {
@@ -67,7 +66,7 @@ OPENSEARCH_INFO = {
 
 @pytest.fixture(scope="module")
 def host_records() -> list[ContainerStats]:
-    records = App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"})).collect_once()
+    records = collect_host_records()
     assert records, "the exporter read no container on this host (not even /)"
     return records
 

@@ -22,13 +22,12 @@ from typing import Any
 
 import pytest
 
-from exporter.app import App
-from exporter.config import Config
 from exporter.models import ContainerReference, ContainerStats, DiskIoDevice, Envelope
 from sinks.influxdb import InfluxDBSettings, InfluxDBSink
 from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError
 from tests.infra.influx import InfluxDB1, Series, VictoriaMetrics
 from tests.infra.procs import free_port
+from tests.records import collect_host_records
 
 DOCKER_ID = "f" * 12 + "0123456789abcdef" * 3 + "0" * 4
 LABELS = {"app": "shop front", "tier": "web,blue", "unlisted": "never written"}
@@ -43,8 +42,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def host_records() -> list[ContainerStats]:
     """One real record per cgroup of this host, plus a labelled "Docker container" with a disk."""
-    app = App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"}))
-    records = app.collect_once()
+    records = collect_host_records()
     assert records, "collect_once found no cgroups on this host"
     assert any(r.cpu and r.cpu.total_ns for r in records), "no record with CPU figures"
     assert any(r.memory and r.memory.usage_bytes for r in records), "no record with memory figures"

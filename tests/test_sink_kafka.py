@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from exporter.app import App
-from exporter.config import Config
 from exporter.models import ContainerReference, ContainerStats, Envelope
 from sinks.kafka import KafkaSettings, KafkaSink, scram_client_final, scram_client_first_bare
 from sinks.protocol import AUTH, REJECTED, UNREACHABLE, PartialFailure, SinkError
 from tests.infra.kafka import new_topic_name
 from tests.infra.procs import free_port
+from tests.records import collect_host_records
 
 # kafka-python 3.0 loads its protocol schemas with importlib.resources APIs that warn on 3.11+.
 pytestmark = pytest.mark.filterwarnings("ignore:(read|open)_text is deprecated:DeprecationWarning")
@@ -43,8 +42,7 @@ BOUND_S = TIMEOUT_S + 10.0
 @pytest.fixture(scope="module")
 def host_records() -> list[ContainerStats]:
     """One real record per cgroup of this host."""
-    app = App(Config.model_validate({"storage_driver": [], "docker_endpoint": "unix:///nonexistent.sock"}))
-    records = app.collect_once()
+    records = collect_host_records()
     assert records, "no cgroups found on this host"
     return records
 
