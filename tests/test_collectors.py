@@ -54,6 +54,7 @@ from exporter.collectors import (
 from exporter.config import Config, ConfigError
 from exporter.models import ContainerStats, CustomMetricSpec
 from tests.infra.procs import free_port
+from tests.test_fs import du_bytes
 from tests.test_pipeline import wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "collectors"
@@ -886,5 +887,4 @@ def test_once_scrapes_endpoints_and_measures_the_writable_layer(docker_engine, b
     (layer,) = mine.filesystem or []
     upper = Path(layer.mountpoint)
     assert upper.name == "diff" and (upper / "done").exists()
-    du = subprocess.run(["du", "-s", "-B1", "-x", str(upper)], check=True, capture_output=True, text=True)
-    assert layer.usage_bytes == int(du.stdout.split()[0]) >= 4 * 1024 * 1024
+    assert layer.usage_bytes == du_bytes(upper) >= 4 * 1024 * 1024

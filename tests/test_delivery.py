@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -16,6 +16,7 @@ from sinks.protocol import AUTH, THROTTLED, UNREACHABLE, PartialFailure, SinkErr
 from sinks.settings import DeliverySettings
 from sinks.spool import Spool
 from tests.records import make_record
+from tests.test_pipeline import wait_for
 
 
 class ScriptedSink:
@@ -64,13 +65,6 @@ def settings(**kw: object) -> DeliverySettings:
     base: dict[str, object] = {"batch_size": 10, "buffer_duration": 0.02, "max_backoff": 0.05, "shutdown_timeout": 5, "timeout": 1, "spool": False}
     base.update(kw)
     return DeliverySettings.model_validate(base)
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def down(category: str = UNREACHABLE, retry_after_s: float | None = None) -> SinkError:

@@ -13,6 +13,7 @@ import pytest
 from exporter.app import App
 from exporter.config import Config
 from exporter.discovery.docker import parse_docker_time
+from tests.test_fs import du_bytes, du_inodes
 from tests.test_pipeline import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
@@ -153,8 +154,6 @@ def test_parse_docker_time():
 
 
 def test_writable_layer_usage_matches_du(docker_engine, busybox_image, make_container, tmp_path):
-    import subprocess
-
     config = Config.model_validate(
         {
             "global_housekeeping_interval": "1h",
@@ -179,11 +178,9 @@ def test_writable_layer_usage_matches_du(docker_engine, busybox_image, make_cont
             10.0,
             "a measured writable layer",
         )
-        du_bytes = int(subprocess.run(["du", "-s", "-B1", "-x", str(upper)], check=True, capture_output=True, text=True).stdout.split()[0])
-        du_inodes = int(subprocess.run(["du", "-s", "--inodes", "-x", str(upper)], check=True, capture_output=True, text=True).stdout.split()[0])
         layer = record.filesystem[0]
-        assert layer.usage_bytes == du_bytes
-        assert layer.inodes_used == du_inodes
+        assert layer.usage_bytes == du_bytes(upper)
+        assert layer.inodes_used == du_inodes(upper)
         assert layer.mountpoint == str(upper)
     finally:
         app.stop()

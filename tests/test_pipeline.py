@@ -27,7 +27,8 @@ pytestmark = pytest.mark.root
 MIB = 1024 * 1024
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 5.0, what: str = "the condition") -> Any:
+    """The first truthy value of ``predicate``; AssertionError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()

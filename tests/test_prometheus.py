@@ -36,6 +36,7 @@ from exporter.app import App
 from exporter.config import Config
 from exporter.models import CustomMetricSpec, CustomMetricValue, DiskIoDevice
 from tests.infra import workloads
+from tests.test_api import context_of
 from tests.test_pipeline import wait_for
 
 pytestmark = pytest.mark.root
@@ -192,20 +193,6 @@ class MetricsServer:
         assert not self.thread.is_alive()
 
 
-def context(app: App) -> ApiContext:
-    return ApiContext(
-        config=app.config,
-        manager=app.manager,
-        cache=app.cache,
-        machine_info=app.machine_info,
-        version_info=app.version_info,
-        sinks=app.hub.workers,
-        scheduler=app.scheduler,
-        started_at=time.time(),
-        watcher_degraded=lambda: app.watcher.degraded,
-    )
-
-
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Callable[..., Live]]:
     started: list[tuple[App, MetricsServer]] = []
@@ -222,7 +209,7 @@ def live(tmp_path: Path) -> Iterator[Callable[..., Live]]:
         data.update(overrides)
         app = App(Config.model_validate(data))
         app.start()
-        ctx = context(app)
+        ctx = context_of(app)
         server = MetricsServer(ctx)
         started.append((app, server))
         return Live(app, ctx, server.start())

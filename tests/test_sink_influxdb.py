@@ -116,12 +116,13 @@ def write(settings: InfluxDBSettings, records: list[Any], batch_size: int = 0) -
     return sink
 
 
-def write_error(settings: InfluxDBSettings, records: list[Any]) -> tuple[SinkError, float]:
+def write_error(settings: InfluxDBSettings, records: list[Any], expected: type[SinkError] = SinkError) -> tuple[Any, float]:
+    """The error (of type ``expected``) a write of ``records`` raises, and how long it took."""
     sink = InfluxDBSink(settings)
     sink.open()
     start = time.monotonic()
     try:
-        with pytest.raises(SinkError) as info:
+        with pytest.raises(expected) as info:
             sink.write_batch(records)
     finally:
         sink.close()
@@ -368,14 +369,7 @@ def test_v1_field_type_conflict_is_a_partial_failure_naming_the_records(
     status, body = influxdb_v1.write_lines(f"container_memory,host=other usage_bytes=1.5 {ns(records[0].timestamp)}", db=db)
     assert status == 204, body
 
-    sink = InfluxDBSink(v1_settings(influxdb_v1, db))
-    sink.open()
-    try:
-        with pytest.raises(PartialFailure) as info:
-            sink.write_batch(records)
-    finally:
-        sink.close()
-    error = info.value
+    error, _ = write_error(v1_settings(influxdb_v1, db), records, PartialFailure)
     expected = [i for i, r in enumerate(records) if r.memory and r.memory.usage_bytes is not None]
     assert expected
     assert error.rejected == expected and error.failed == []
@@ -395,15 +389,9 @@ def test_v1_unparsable_point_rejects_only_its_record(
     # A u64 counter past int64: line protocol 1.x has no unsigned integers, influxd refuses the line.
     records[bad] = records[bad].model_copy(update={"memory": records[bad].memory.model_copy(update={"usage_bytes": 2**64 - 1})})
 
-    sink = InfluxDBSink(v1_settings(influxdb_v1, db))
-    sink.open()
-    try:
-        with pytest.raises(PartialFailure) as info:
-            sink.write_batch(records)
-    finally:
-        sink.close()
-    assert info.value.rejected == [bad] and info.value.category == REJECTED and not info.value.retryable
-    assert "out of range" in str(info.value), str(info.value)
+    error, _ = write_error(v1_settings(influxdb_v1, db), records, PartialFailure)
+    assert error.rejected == [bad] and error.category == REJECTED and not error.retryable
+    assert "out of range" in str(error), str(error)
     memory = influxdb_v1.rows("SELECT record_id FROM container_memory", db=db)
     assert sorted(row["record_id"] for row in memory) == sorted(r.record_id for i, r in enumerate(records) if r.memory and i != bad)
 
