@@ -464,7 +464,7 @@ def test_stream_delivers_events_live_over_http(serve):
 
 # -- creation and deletion through a running App ------------------------------------------------------
 class EventsApp:
-    """An App with an EventManager and an OomWatcher wired in, as app.py will."""
+    """A running App, its EventManager and OomWatcher, and every event handed to its sinks."""
 
     def __init__(self, app: App, events: EventManager, oom: OomWatcher, sunk: list[Event]) -> None:
         self.app, self.events, self.oom, self.sunk = app, events, oom, sunk
@@ -478,35 +478,25 @@ def events_app(tmp_path: Path) -> Iterator[Callable[..., EventsApp]]:
     started: list[EventsApp] = []
 
     def start(**overrides: Any) -> EventsApp:
-        config = app_config(tmp_path, **overrides)
-        app = App(config)
+        app = App(app_config(tmp_path, **overrides))
+        assert app.oom is not None, "oom_event is on by default"
         sunk: list[Event] = []
+        forward = app.events.sink
 
         def sink(event: Event) -> None:
             sunk.append(event)
-            app.hub.submit(event)
+            if forward is not None:
+                forward(event)
 
-        events = EventManager(
-            parse_storage_policy(config.event_storage_age_limit, config.event_storage_event_limit),
-            app.identity,
-            app.clock,
-            sink=sink,
-            docker=app.docker,
-            lookup=app.manager.get,
-        )
-        app.manager.listeners.append(events)
-        oom = OomWatcher(events.add_oom, app.clock)
-        oom.start()
+        app.events.sink = sink
         app.start()
-        wrapped = EventsApp(app, events, oom, sunk)
+        wrapped = EventsApp(app, app.events, app.oom, sunk)
         started.append(wrapped)
         return wrapped
 
     yield start
     for wrapped in started:
-        wrapped.oom.stop()
         wrapped.app.stop()
-        wrapped.events.stop()
         assert not wrapped.oom.running
 
 
