@@ -32,7 +32,7 @@ from exporter.clock import Clock, FakeClock
 from exporter.config import Config
 from exporter.models import ContainerStats
 from tests.infra import workloads
-from tests.test_pipeline import wait_for
+from tests.test_pipeline import app_config, wait_for
 
 pytestmark = pytest.mark.root
 MIB = 1024 * 1024
@@ -107,18 +107,8 @@ class Api:
 
 
 def api_config(tmp_path: Path, **overrides: Any) -> Config:
-    data: dict[str, Any] = {
-        "global_housekeeping_interval": "1h",
-        "docker_endpoint": "unix:///nonexistent/docker.sock",
-        "allow_dynamic_housekeeping": False,
-        "storage_driver": ["jsonl"],
-        "state_dir": str(tmp_path / "state"),
-        "listen_ip": "127.0.0.1",
-        "port": 0,
-        "sinks": {"jsonl": {"path": str(tmp_path / "stats.jsonl"), "buffer_duration": "100ms"}},
-    }
-    data.update(overrides)
-    return Config.model_validate(data)
+    defaults = {"allow_dynamic_housekeeping": False, "storage_driver": ["jsonl"], "state_dir": str(tmp_path / "state")}
+    return app_config(tmp_path, **{**defaults, **overrides})
 
 
 def context_of(app: App, started_at: float | None = None) -> ApiContext:

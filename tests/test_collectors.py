@@ -51,11 +51,11 @@ from exporter.collectors import (
     parse_config,
     read_in_root,
 )
-from exporter.config import Config, ConfigError
+from exporter.config import ConfigError
 from exporter.models import ContainerStats, CustomMetricSpec
 from tests.infra.procs import free_port
 from tests.test_fs import du_bytes
-from tests.test_pipeline import wait_for
+from tests.test_pipeline import app_config, wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "collectors"
 METRICS = (FIXTURES / "metrics.prom").read_bytes()
@@ -703,16 +703,7 @@ def test_collector_certificate_settings_are_checked_at_start(host, scheduler, cl
 @pytest.fixture
 def exporter_app(docker_engine, tmp_path: Path) -> Iterator[tuple[App, CollectorManager]]:
     """The exporter as app.py wires it: its own collector manager feeds the records."""
-    config = Config.model_validate({
-        "global_housekeeping_interval": "1h",
-        "listen_ip": "127.0.0.1",
-        "port": 0,
-        "allow_dynamic_housekeeping": False,
-        "docker_only": True,
-        "docker_endpoint": docker_engine.endpoint,
-        "sinks": {"jsonl": {"path": str(tmp_path / "stats.jsonl"), "buffer_duration": "100ms"}},
-    })
-    app = App(config)
+    app = App(app_config(tmp_path, allow_dynamic_housekeeping=False, docker_only=True, docker_endpoint=docker_engine.endpoint))
     app.start()
     yield app, app.collectors
     app.stop()

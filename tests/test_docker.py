@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from exporter.app import App
-from exporter.config import Config
 from exporter.discovery.docker import parse_docker_time
 from tests.test_fs import du_bytes, du_inodes
-from tests.test_pipeline import wait_for
+from tests.test_pipeline import app_config, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 MIB = 1024 * 1024
@@ -22,17 +21,12 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 def docker_app(docker_engine, tmp_path: Path):
-    config = Config.model_validate(
-        {
-            "global_housekeeping_interval": "1h",
-            "listen_ip": "127.0.0.1",
-            "port": 0,
-            "allow_dynamic_housekeeping": False,
-            "docker_only": True,
-            "docker_endpoint": docker_engine.endpoint,
-            "docker_env_metadata_whitelist": ["GREETING"],
-            "sinks": {"jsonl": {"path": str(tmp_path / "stats.jsonl"), "buffer_duration": "100ms"}},
-        }
+    config = app_config(
+        tmp_path,
+        allow_dynamic_housekeeping=False,
+        docker_only=True,
+        docker_endpoint=docker_engine.endpoint,
+        docker_env_metadata_whitelist=["GREETING"],
     )
     app = App(config)
     app.start()
@@ -117,16 +111,7 @@ def test_docker_metadata_arrives_when_docker_comes_back(tmp_path, docker_engine,
     """With dockerd unreachable a Docker cgroup is reported by id; the rescan fills in the name."""
     container = make_container(busybox_image, ["sleep", "3600"], name=f"ce-late-{uuid.uuid4().hex[:8]}")
     proxy = tmp_path / "docker.sock"
-    config = Config.model_validate(
-        {
-            "global_housekeeping_interval": "1h",
-            "listen_ip": "127.0.0.1",
-            "port": 0,
-            "docker_only": True,
-            "docker_endpoint": f"unix://{proxy}",
-            "storage_driver": [],
-        }
-    )
+    config = app_config(tmp_path, docker_only=True, docker_endpoint=f"unix://{proxy}", storage_driver=[])
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(str(proxy))  # a socket file nobody listens on: connections are refused
     dead.close()
@@ -154,16 +139,8 @@ def test_parse_docker_time():
 
 
 def test_writable_layer_usage_matches_du(docker_engine, busybox_image, make_container, tmp_path):
-    config = Config.model_validate(
-        {
-            "global_housekeeping_interval": "1h",
-            "listen_ip": "127.0.0.1",
-            "port": 0,
-            "docker_only": True,
-            "docker_endpoint": docker_engine.endpoint,
-            "writable_layer_interval": "1s",
-            "storage_driver": [],
-        }
+    config = app_config(
+        tmp_path, docker_only=True, docker_endpoint=docker_engine.endpoint, writable_layer_interval="1s", storage_driver=[]
     )
     app = App(config)
     app.start()

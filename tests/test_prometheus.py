@@ -33,15 +33,13 @@ from exporter.api.prometheus import (
     router,
 )
 from exporter.app import App
-from exporter.config import Config
 from exporter.models import CustomMetricSpec, CustomMetricValue, DiskIoDevice
 from tests.infra import workloads
 from tests.test_api import context_of
-from tests.test_pipeline import wait_for
+from tests.test_pipeline import app_config, wait_for
 
 pytestmark = pytest.mark.root
 MIB = 1024 * 1024
-NO_DOCKER = "unix:///nonexistent/docker.sock"
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
     "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
@@ -198,16 +196,7 @@ def live(tmp_path: Path) -> Iterator[Callable[..., Live]]:
     started: list[tuple[App, MetricsServer]] = []
 
     def start(**overrides: Any) -> Live:
-        data: dict[str, Any] = {
-            "global_housekeeping_interval": "1h",
-            "allow_dynamic_housekeeping": False,
-            "docker_endpoint": NO_DOCKER,
-            "listen_ip": "127.0.0.1",
-            "port": 0,
-            "sinks": {"jsonl": {"path": str(tmp_path / "stats.jsonl"), "buffer_duration": "100ms"}},
-        }
-        data.update(overrides)
-        app = App(Config.model_validate(data))
+        app = App(app_config(tmp_path, **{"allow_dynamic_housekeeping": False, **overrides}))
         app.start()
         ctx = context_of(app)
         server = MetricsServer(ctx)
