@@ -42,7 +42,17 @@ from pydantic import BaseModel, Field, model_validator
 
 from exporter.durations import StrList
 from exporter.models import SCHEMA_VERSION, ContainerReference, ContainerStats, Envelope
-from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError, retry_after_seconds
+from sinks.protocol import (
+    AUTH,
+    ERROR,
+    REJECTED,
+    THROTTLED,
+    UNREACHABLE,
+    MissingDependency,
+    PartialFailure,
+    SinkError,
+    retry_after_seconds,
+)
 from sinks.settings import DeliverySettings
 
 if TYPE_CHECKING:
@@ -250,8 +260,6 @@ class ElasticsearchSink:
         try:
             import elasticsearch
         except ImportError:
-            from sinks.registry import MissingDependency
-
             raise MissingDependency(
                 "the elasticsearch sink needs the elasticsearch client: pip install 'container-exporter[elasticsearch]'"
             ) from None

@@ -67,7 +67,17 @@ from pydantic import BaseModel, Field, field_validator
 
 from exporter.durations import StrList
 from exporter.models import ContainerReference, ContainerStats, Envelope
-from sinks.protocol import AUTH, ERROR, REJECTED, THROTTLED, UNREACHABLE, PartialFailure, SinkError, retry_after_seconds
+from sinks.protocol import (
+    AUTH,
+    ERROR,
+    REJECTED,
+    THROTTLED,
+    UNREACHABLE,
+    MissingDependency,
+    PartialFailure,
+    SinkError,
+    retry_after_seconds,
+)
 from sinks.settings import DeliverySettings
 
 log = logging.getLogger(__name__)
@@ -162,6 +172,11 @@ def _tag(key: str, value: object) -> str:
     return f",{key}={escape_key(text)}" if text else ""
 
 
+def _tag_text(tags: dict[str, Any]) -> str:
+    """Tags sorted by key, as InfluxDB recommends (it sorts them itself otherwise)."""
+    return "".join(_tag(escape_key(k), v) for k, v in sorted(tags.items()))
+
+
 def int_fields(names: Sequence[str], keys: Sequence[str] | None = None) -> Callable[[dict[str, Any]], str]:
     """A function: a model's ``__dict__`` → "key=<n>i,..." for its integer attributes ``names``
     that are set ("" when none is). When all are set (the usual case), one %-format does it."""
@@ -247,16 +262,6 @@ class Memo(dict[Any, str]):
         return text
 
 
-class FloatText(dict[float, str]):
-    """float → its line protocol text, remembered: repr() of a float costs 4x a dict look-up, and
-    PSI averages (two decimals, 0-100) take few distinct values."""
-
-    def __missing__(self, value: float) -> str:
-        if len(self) >= 50_000:
-            self.clear()
-        text = self[value] = repr(float(value))
-        return text
-
 _PRESSURE_TAGS = {
     (resource, kind): f",resource={resource},kind={kind}" for resource in ("cpu", "memory", "io") for kind in ("some", "full")
 }
@@ -288,7 +293,8 @@ class LineEncoder:
             self._cadvisor_lines if self.layout == "cadvisor" else self._default_lines
         )
         self.unknown_types: dict[str, int] = {}
-        self._floats = FloatText()
+        # repr() of a float costs 4x a dict look-up, and PSI averages (two decimals, 0-100) take few values.
+        self._floats = Memo(lambda value: repr(float(value)), limit=50_000)
         self._event_fields = Memo(lambda got: _MEMORY_EVENT_FIELDS(dict(zip(("low", "high", "max", "oom", "oom_kill"), got, strict=True))))
         self._fs_tags = Memo(lambda k: _tag("device", k[0]) + _tag("fs_type", k[1]) + _tag("mountpoint", k[2]))
         self._interface_tags = Memo(lambda name: _tag("interface", name))
@@ -373,8 +379,7 @@ class LineEncoder:
             }
         if self.id_as_tag:
             tags["container_id"] = ref.id
-        # Sorted by key, as InfluxDB recommends (it sorts them itself otherwise).
-        return "".join(_tag(escape_key(k), v) for k, v in sorted(tags.items()))
+        return _tag_text(tags)
 
     # -- default layout ------------------------------------------------------------------------
     def _default_lines(self, r: ContainerStats, out: list[str]) -> None:
@@ -545,7 +550,7 @@ class LineEncoder:
                 encoded = field_value(value)
                 if encoded is not None:
                     fields[escape_key(name)] = encoded
-        tag_text = "".join(_tag(escape_key(k), v) for k, v in sorted(tags.items()))
+        tag_text = _tag_text(tags)
         field_text = ",".join(f"{k}={v}" for k, v in fields.items())
         out.append(f"container_events{tag_text} {field_text} {timestamp_ns(ts)}\n")
         return True
@@ -654,8 +659,6 @@ class InfluxDBSink:
             import influxdb_client  # noqa: F401 - and its urllib3, which api = "v1" uses directly
             import urllib3  # noqa: F401
         except ImportError:
-            from sinks.registry import MissingDependency
-
             raise MissingDependency("the influxdb sink needs influxdb-client: pip install 'container-exporter[influxdb]'") from None
         self.settings = settings
         self.encoder = LineEncoder(settings)

@@ -69,7 +69,7 @@ from pydantic import Field, field_validator, model_validator
 
 from exporter.durations import StrList
 from exporter.models import ContainerStats, Envelope
-from sinks.protocol import AUTH, ERROR, REJECTED, UNREACHABLE, PartialFailure, SinkError
+from sinks.protocol import AUTH, ERROR, REJECTED, UNREACHABLE, MissingDependency, PartialFailure, SinkError
 from sinks.settings import DeliverySettings
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,6 @@ class KafkaSink:
             import kafka.codec
             import kafka.errors
         except ImportError:
-            from sinks.registry import MissingDependency
-
             raise MissingDependency("the kafka sink needs kafka-python: pip install 'container-exporter[kafka]'") from None
         codec_check = {
             "gzip": kafka.codec.has_gzip,
@@ -187,8 +185,6 @@ class KafkaSink:
             "zstd": kafka.codec.has_zstd,
         }.get(settings.compression)
         if codec_check is not None and not codec_check():
-            from sinks.registry import MissingDependency
-
             package = {"snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}.get(settings.compression, "?")
             raise MissingDependency(f"kafka compression = {settings.compression} needs the {package} package: pip install {package}")
         self.settings = settings

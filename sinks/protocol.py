@@ -26,6 +26,10 @@ REJECTED = "rejected"  # the store refused the data itself (mapping error, bad r
 ERROR = "error"  # anything else
 
 
+class MissingDependency(RuntimeError):
+    """A configured sink's client library is not installed."""
+
+
 class SinkError(Exception):
     """A failed write of a whole batch.
 

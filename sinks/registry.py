@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from sinks.protocol import MissingDependency  # noqa: F401 - where callers look for it
+
 # name → (module, settings class, sink class)
 DRIVERS: dict[str, tuple[str, str, str]] = {
     "jsonl": ("sinks.jsonl", "JsonlSettings", "JsonlSink"),
@@ -19,10 +21,6 @@ DRIVERS: dict[str, tuple[str, str, str]] = {
     "kafka": ("sinks.kafka", "KafkaSettings", "KafkaSink"),
     "elasticsearch": ("sinks.elasticsearch", "ElasticsearchSettings", "ElasticsearchSink"),
 }
-
-
-class MissingDependency(RuntimeError):
-    pass
 
 
 def settings_model(name: str) -> type[BaseModel]:
