@@ -22,7 +22,6 @@ Usage: python bench/sink_elasticsearch.py [--sizes 100 1000 5000] [--rounds 3] [
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import sys
 import time
@@ -38,21 +37,13 @@ sys.path.insert(0, str(ROOT))
 
 from exporter.models import ContainerStats  # noqa: E402
 from sinks.elasticsearch import ElasticsearchSettings, ElasticsearchSink, stats_mappings  # noqa: E402
-from tests.records import collect_host_records  # noqa: E402
+from tests.records import collect_host_records, copies  # noqa: E402
 
 
 def make_batch(base: list[ContainerStats], n: int) -> list[ContainerStats]:
-    token = uuid.uuid4().hex
-    start = datetime.now(UTC)
-    out = []
-    for i in range(n):
-        data = base[i % len(base)].model_dump()
-        data["seq"] = i + 1
-        data["timestamp"] = start + timedelta(microseconds=i)
-        data["record_id"] = hashlib.sha256(f"{token}/{i}".encode()).hexdigest()[:32]
-        record = ContainerStats.model_validate(data)
+    out = copies(base, n, start=datetime.now(UTC), step=timedelta(microseconds=1))
+    for record in out:
         record.json_bytes()  # encoded once at collection in the real pipeline, as here
-        out.append(record)
     return out
 
 

@@ -21,12 +21,10 @@ Usage: python bench/sink_kafka.py [--sizes 100 1000 5000] [--records 20000] [--r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +34,13 @@ sys.path.insert(0, str(ROOT))
 from exporter.models import ContainerStats  # noqa: E402
 from sinks.kafka import KafkaSettings, KafkaSink  # noqa: E402
 from tests.infra.kafka import Brokers, KafkaBroker  # noqa: E402
-from tests.records import collect_host_records  # noqa: E402
+from tests.records import collect_host_records, samples  # noqa: E402
 
 
 def host_samples(n: int) -> list[ContainerStats]:
     """``n`` real records: this host's cgroup samples, copied with distinct seq/timestamp/record_id."""
     base = collect_host_records()
-    out: list[ContainerStats] = []
-    k = 0
-    while len(out) < n:
-        k += 1
-        for record in base[: n - len(out)]:
-            data = record.model_dump()
-            data.update(
-                seq=k,
-                timestamp=record.timestamp + timedelta(seconds=k),
-                record_id=hashlib.sha256(f"{record.record_id}/{k}".encode()).hexdigest()[:32],
-            )
-            out.append(ContainerStats.model_validate(data))
-    return out
+    return samples(base, rounds=-(-n // len(base)))[:n]
 
 
 def batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

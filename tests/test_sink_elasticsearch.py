@@ -8,7 +8,6 @@ distinct seq, timestamp and record_id where a test needs many.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from tests.infra.opensearch import (
     make_certificate,
 )
 from tests.infra.procs import free_port
-from tests.records import collect_host_records
+from tests.records import collect_host_records, copies
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_LABELS = {
@@ -69,32 +68,6 @@ def host_records() -> list[ContainerStats]:
     records = collect_host_records()
     assert records, "the exporter read no container on this host (not even /)"
     return records
-
-
-def copies(
-    base: list[ContainerStats],
-    n: int,
-    *,
-    start: datetime | None = None,
-    step: timedelta = timedelta(seconds=1),
-    labels: dict[str, str] | None = None,
-) -> list[ContainerStats]:
-    """``n`` records cycling through ``base`` with their own seq, timestamp and record_id.
-
-    Built by validation, not model_copy: a copy would keep the original's cached JSON.
-    """
-    start = start or datetime.now(UTC).replace(microsecond=123456)
-    token = uuid.uuid4().hex
-    out = []
-    for i in range(n):
-        data = base[i % len(base)].model_dump()
-        data["seq"] = i + 1
-        data["timestamp"] = start + i * step
-        data["record_id"] = hashlib.sha256(f"{token}/{i}".encode()).hexdigest()[:32]
-        if labels is not None:
-            data["container"]["labels"] = dict(labels)
-        out.append(ContainerStats.model_validate(data))
-    return out
 
 
 def expected_source(record: Envelope, *, dedot: bool = True) -> dict[str, Any]:

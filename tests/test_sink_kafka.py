@@ -8,14 +8,13 @@ broker can do: refuse.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import ssl
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from sinks.kafka import KafkaSettings, KafkaSink, scram_client_final, scram_clie
 from sinks.protocol import AUTH, REJECTED, UNREACHABLE, PartialFailure, SinkError
 from tests.infra.kafka import new_topic_name
 from tests.infra.procs import free_port
-from tests.records import collect_host_records
+from tests.records import collect_host_records, samples
 
 # kafka-python 3.0 loads its protocol schemas with importlib.resources APIs that warn on 3.11+.
 pytestmark = pytest.mark.filterwarnings("ignore:(read|open)_text is deprecated:DeprecationWarning")
@@ -45,22 +44,6 @@ def host_records() -> list[ContainerStats]:
     records = collect_host_records()
     assert records, "no cgroups found on this host"
     return records
-
-
-def samples(host_records: list[ContainerStats], rounds: int, first_seq: int = 1) -> list[ContainerStats]:
-    """``rounds`` samples of every host container, as housekeeping would make them: seq
-    ``first_seq``, ``first_seq+1``, ...; one second apart; each with its own record_id."""
-    out = []
-    for k in range(first_seq, first_seq + rounds):
-        for base in host_records:
-            data = base.model_dump()
-            data.update(
-                seq=k,
-                timestamp=base.timestamp + timedelta(seconds=k),
-                record_id=hashlib.sha256(f"{base.record_id}/{k}".encode()).hexdigest()[:32],
-            )
-            out.append(ContainerStats.model_validate(data))
-    return out
 
 
 def key_of(record: ContainerStats) -> bytes:
