@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import resource
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from exporter.discovery.watcher import CgroupWatcher, scan
+from tests.infra import cgroups as cg_infra
 
 LOGGER = "exporter.discovery.watcher"
 CGROUP = Path("/sys/fs/cgroup")
@@ -40,17 +40,7 @@ def at(root: Path, name: str) -> Path:
 
 
 def rmdir_retry(path: Path) -> None:
-    deadline = time.monotonic() + 2.0
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    cg_infra.rmdir_when_free(path, timeout_s=2.0)
 
 
 def remove_cgroup_tree(top: Path) -> None:

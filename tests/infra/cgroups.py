@@ -138,17 +138,23 @@ def remove_cgroup_dirs(tops: Sequence[Path], *, timeout_s: float = 10.0) -> None
         time.sleep(0.02)
     for top in tops:
         for d in _subtree_deepest_first(top):
-            while True:
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as exc:
-                    # A killed task leaves the css_set asynchronously; rmdir says EBUSY until then.
-                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            rmdir_when_free(d, timeout_s=max(deadline - time.monotonic(), 0.0))
+
+
+def rmdir_when_free(path: Path, *, timeout_s: float = 10.0) -> None:
+    """rmdir a cgroup whose tasks are gone or going; a missing directory is fine."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            # A killed task leaves the css_set asynchronously; rmdir says EBUSY until then.
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class ScratchCgroup:
