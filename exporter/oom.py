@@ -284,7 +284,8 @@ class OomWatcher:
 
     # -- counters -------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        """OOM kills by the killed process's container (for container_oom_events_total)."""
+        """OOM kills by the killed process's container, as the kernel log reported them since start.
+        (/metrics reads the kernel's own per-cgroup oom_kill count for container_oom_events_total.)"""
         with self._lock:
             return dict(self._kills)
 
